@@ -1,0 +1,55 @@
+"""`gapray COMMAND [key=value ...]`: the command-line entry point.
+
+User errors (bad config, bad prompt file, missing model) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gapray.errors import UserError
+
+COMMANDS = {"measure": "sample K images per prompt, self-score them, report the non-unification score"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gapray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, help="YAML file (default: conf/<command>.yaml)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. images_per_prompt=8")
+    args = parser.parse_args(argv)
+    try:
+        return run(args.command, args.config, args.overrides)
+    except UserError as e:
+        print(f"gapray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(command: str, config: str | None, overrides: list[str]) -> int:
+    from gapray.config import CONF_DIR, MeasureConfig, load_config
+
+    if command == "measure":
+        from gapray.measure import run_measure
+
+        cfg = load_config(MeasureConfig, config or CONF_DIR / "measure.yaml", overrides)
+        summary = run_measure(cfg)
+        print(format_summary(summary))
+        print(f"outputs in {cfg.run_dir}/: verdicts.parquet, summary.json, grids/")
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'task':<16}{'images':>8}{'rejected':>10}{'non-unif.':>11}  95% CI"]
+    for task, s in [*summary["per_task"].items(), ("overall", summary["overall"])]:
+        lo, hi = s["ci95"]
+        lines.append(f"{task:<16}{s['n']:>8}{s['k']:>10}{(s['value'] or 0):>11.3f}  [{lo:.3f}, {hi:.3f}]"
+                     + (f"  ({s['unparsed']} unparsed)" if s.get("unparsed") else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

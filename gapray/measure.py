@@ -1,0 +1,118 @@
+"""`gapray measure`: how often does a model reject its own images? (PAPER.md, non-unification score)
+
+For every prompt: sample K images (our CFG sampler, one seed per image), decode them, ask the same
+model the verdict question about each, and record one row per image. Outputs in the run directory:
+  verdicts.parquet  one row per image (schema: gapray.data.schemas.VERDICT_SCHEMA)
+  summary.json      non-unification overall and per task, with counts and 95% Wilson intervals
+  grids/<task>.png  images with their verdicts drawn on them
+
+`sample_and_score` is the unit of work: the local loop here and the Ray pipeline both call it on
+batches of prompts, so the two backends compute the same rows for the same seeds.
+Assumes the whole verdict table fits in memory (it holds token ids, not pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from gapray.config import load_model
+from gapray.data.schemas import to_table
+from gapray.errors import UserError
+from gapray.metrics import by_task, non_unification
+from gapray.models import SamplingParams, UnifiedModel
+from gapray.models.sampler import derive_seed
+from gapray.prompts import Prompt, load_prompts
+from gapray.verdict import to_verdict
+
+OUTPUTS = ("verdicts.parquet", "summary.json")
+
+
+def image_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
+    """The seed of one image: a function of (run seed, prompt id, sample index) alone."""
+    return derive_seed(seed, prompt_id, sample_idx)
+
+
+def sample_and_score(model: UnifiedModel, prompts: list[Prompt], k: int, sampling: SamplingParams,
+                     seed: int, score_mode: str = "logits", threshold: float = 0.5) -> list[dict]:
+    """K images per prompt, each judged by the same model: one verdict row per image."""
+    seeds = [image_seed(seed, p.prompt_id, j) for p in prompts for j in range(k)]
+    out = model.sample([p.prompt for p in prompts], k, sampling, seeds)
+    images = model.decode(out.tokens)
+    flat = [p for p in prompts for _ in range(k)]
+    judged = model.score([p.prompt for p in flat], images, mode=score_mode)
+    rows = []
+    for i, p in enumerate(flat):
+        pa = float(judged.p_aligned[i])
+        rows.append({
+            "prompt_id": p.prompt_id, "task": p.task, "prompt": p.prompt, "sample_idx": i % k,
+            "seed": seeds[i], "image_tokens": out.tokens[i].tolist(),
+            "logprob": float(out.logprobs[i].sum()), "p_aligned": pa,
+            "verdict": to_verdict(pa, threshold), "answer": judged.answers[i],
+        })
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    nu = by_task(rows, lambda g: non_unification([r["verdict"] for r in g]))
+    return {"non_unification": nu["overall"]["value"], "overall": nu["overall"], "per_task": nu["per_task"]}
+
+
+def measure_local(cfg: DictConfig, model: UnifiedModel, prompts: list[Prompt]) -> list[dict]:
+    sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
+    rows = []
+    bar = tqdm(total=len(prompts) * cfg.images_per_prompt, unit="img", desc="sample+score", dynamic_ncols=True)
+    for start in range(0, len(prompts), cfg.batch_prompts):
+        batch = prompts[start:start + cfg.batch_prompts]
+        rows += sample_and_score(model, batch, cfg.images_per_prompt, sampling, cfg.seed,
+                                 cfg.scoring.mode, cfg.scoring.threshold)
+        bar.update(len(batch) * cfg.images_per_prompt)
+    bar.close()
+    return rows
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier run's outputs unless asked: nothing already written is lost."""
+    existing = [name for name in OUTPUTS if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise UserError(f"run_dir '{run_dir}' already holds {', '.join(existing)}; choose another run_dir "
+                        f"or pass overwrite=true to replace them")
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written output."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def run_measure(cfg: DictConfig) -> dict:
+    OmegaConf.to_object(cfg)  # the schema's last check (e.g. a null for a required value)
+    prompts = load_prompts(cfg.prompts, task=cfg.task, limit=cfg.max_prompts)
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir, cfg.overwrite)
+    model = load_model(cfg.model)  # before any directory is made: a failed start leaves nothing behind
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = measure_local(cfg, model, prompts)
+    seconds = time.perf_counter() - t0
+
+    write_atomic(run_dir / "verdicts.parquet", lambda p: pq.write_table(to_table(rows), p))
+    summary = {**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
+               "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
+               "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,
+               "seed": cfg.seed, "seconds": round(seconds, 2),
+               "images_per_second": round(len(rows) / seconds, 3) if seconds else None}
+    write_atomic(run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
+
+    from gapray.report import write_verdict_grids
+    write_verdict_grids(model, rows, run_dir / "grids", cfg.grid_prompts)
+    return summary
+

@@ -1,0 +1,41 @@
+"""The paper's measurements as plain functions over verdict rows (PAPER.md, "Metrics").
+
+- non-unification: share of a model's own generations that its own understanding rejects;
+- weak-generation rate: P(external judge rejects | model rejects);
+Every rate comes with its count and a 95% Wilson interval: denominators can be small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def rate(k: int, n: int) -> dict:
+    return {"value": k / n if n else None, "k": k, "n": n, "ci95": list(wilson_interval(k, n))}
+
+
+def non_unification(verdicts: list[int | None]) -> dict:
+    """Rejected share among parsed verdicts; unparsed answers (None) are counted apart."""
+    parsed = [v for v in verdicts if v is not None]
+    out = rate(sum(1 for v in parsed if v == 0), len(parsed))
+    out["unparsed"] = len(verdicts) - len(parsed)
+    return out
+
+
+def by_task(rows: list[dict], fn, key: str = "task") -> dict:
+    """Apply `fn(rows)` overall and per task: {"overall": ..., "per_task": {task: ...}}."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r)
+    return {"overall": fn(rows), "per_task": {t: fn(g) for t, g in sorted(groups.items())}}

@@ -1,0 +1,144 @@
+"""Janus / Janus-Pro (transformers' JanusForConditionalGeneration) as a gapray UnifiedModel.
+
+Loads a hub id (deepseek-community/Janus-Pro-1B, -7B) or any save_pretrained directory holding the
+model and its processor (the shipped shapes-world model is one). Generation goes through our own CFG
+loop (`sampler.cfg_decode`); judging through one forward pass (logits mode) or transformers' text
+generate (generate mode).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor
+
+from gapray.models.base import SampleOutput, ScoreOutput, UnifiedModel
+from gapray.models.sampler import SamplingParams, cfg_decode, derive_seed, guided_logprobs, row_uniforms, \
+    uncond_input_ids
+from gapray.verdict import ANSWER_PREFIX, answer_token_ids, parse_answer, verdict_question
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCORE_MODES = ("logits", "generate")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class JanusModel(UnifiedModel):
+    def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor):
+        self.model = model.eval()
+        self.processor = processor
+        # The verdict question carries Janus' system text verbatim; the processor must not add it again.
+        processor.use_default_system_prompt = False
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.pad_id = self.tokenizer.pad_token_id
+        self.bos_id = self.tokenizer.bos_token_id
+        self.boi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
+        vision = model.config.vision_config
+        self.image_size = vision.image_size
+        self.n_image_tokens = vision.num_image_tokens
+        self._answer_ids: tuple[int, int] | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
+                        local_files_only: bool = False) -> "JanusModel":
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
+                                                              local_files_only=local_files_only)
+        processor = JanusProcessor.from_pretrained(path, local_files_only=local_files_only)
+        return cls(model.to(resolve_device(device)), processor)
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generation_inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt ids ending in <begin_of_image>, as Janus' chat template writes them."""
+        texts = [self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": p}]}], add_generation_prompt=True)
+            for p in prompts]
+        enc = self.processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def sample(self, prompts: list[str], n_per_prompt: int = 1, sampling: SamplingParams = SamplingParams(),
+               seeds: int | list[int] = 0) -> SampleOutput:
+        if isinstance(seeds, int):
+            seeds = [derive_seed(seeds, i, j) for i in range(len(prompts)) for j in range(n_per_prompt)]
+        if len(seeds) != len(prompts) * n_per_prompt:
+            raise ValueError(f"need {len(prompts) * n_per_prompt} seeds, got {len(seeds)}")
+        enc = self.generation_inputs(prompts)
+        ids = enc["input_ids"].repeat_interleave(n_per_prompt, 0)
+        mask = enc["attention_mask"].repeat_interleave(n_per_prompt, 0)
+        uniforms = row_uniforms(seeds, self.n_image_tokens).to(self.device)
+        tokens, logps = cfg_decode(self.model, ids, mask, self.n_image_tokens, sampling,
+                                   keep_ids=[self.bos_id, self.boi_id], pad_id=self.pad_id, uniforms=uniforms)
+        return SampleOutput(tokens=tokens.cpu(), logprobs=logps.cpu(), seeds=list(seeds))
+
+    def image_logprobs(self, prompts: list[str], tokens: torch.Tensor,
+                       sampling: SamplingParams | None = None) -> torch.Tensor:
+        enc = self.generation_inputs(prompts)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        tokens = tokens.to(self.device)
+        guided = sampling is not None and sampling.guided
+        if guided:
+            ids = torch.cat([ids, uncond_input_ids(ids, [self.bos_id, self.boi_id], self.pad_id)])
+            mask = torch.cat([mask, mask])
+            img = torch.cat([tokens, tokens])
+        else:
+            img = tokens
+        L = ids.shape[1]
+        embeds = torch.cat([self.model.get_input_embeddings()(ids),
+                            self.model.prepare_embeddings_for_image_generation(img[:, :-1])], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(img[:, :-1])], dim=1)
+        h = self.model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+        logits = self.model.model.generation_head(h[:, L - 1:])  # position L-1+t predicts image token t
+        B = tokens.shape[0]
+        if sampling is None:
+            logp = logits.float().log_softmax(-1)
+        else:
+            logp = guided_logprobs(logits[:B], logits[B:] if guided else None, sampling)
+        return logp.gather(-1, tokens[..., None]).squeeze(-1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        pix = self.model.decode_image_tokens(tokens.to(self.device)).float()
+        return ((pix.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+    # ---- understanding ----------------------------------------------------------------------------
+    def verdict_text(self, prompt: str) -> str:
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": verdict_question(prompt)}]}],
+            add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def score(self, prompts: list[str], images: np.ndarray, mode: str = "logits",
+              max_new_tokens: int = 16) -> ScoreOutput:
+        if mode not in SCORE_MODES:
+            raise ValueError(f"score mode must be one of {SCORE_MODES}, got {mode!r}")
+        texts = [self.verdict_text(p) for p in prompts]
+        if mode == "logits":
+            texts = [f"{t} {ANSWER_PREFIX}" for t in texts]
+        enc = self.processor(text=texts, images=list(images), generation_mode="text", padding=True,
+                             return_tensors="pt").to(self.device)
+        enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        if mode == "logits":
+            if self._answer_ids is None:
+                self._answer_ids = answer_token_ids(self.tokenizer, texts[0])
+            logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
+            two = logits[:, list(self._answer_ids)].softmax(-1)
+            return ScoreOutput(p_aligned=two[:, 0].double().cpu().numpy(), answers=[None] * len(prompts))
+        greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, bos_token_id=self.bos_id,
+                                  pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+        out = self.model.generate(**enc, generation_mode="text", generation_config=greedy)
+        answers = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = [a.strip() for a in answers]
+        return ScoreOutput(p_aligned=np.array([parse_answer(a) for a in answers], dtype=np.float64),
+                           answers=answers)
