@@ -13,7 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -22,9 +22,11 @@ from gapray.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 BUILTIN_MODELS = ("tiny",)  # built from config in-process (random weights): tests and benchmarks
+# Models that ship inside the package, by name: the shapes-world Janus (jobs/pretrain_world.py made it).
+SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parent / "assets" / "shapes-janus"}
 DTYPES = ("float32", "bfloat16", "float16")
 SCORE_MODES = ("logits", "generate")
-BACKENDS = ("local",)
+BACKENDS = ("local", "ray")  # ray: Serve replicas sample and score, Ray Data streams the verdicts
 
 
 @dataclass
@@ -50,6 +52,49 @@ class ScoringConfig:
 
 
 @dataclass
+class AutoscalingConfig:
+    """Serve's autoscaling_config (names as in Ray Serve); replicas follow the requests each one has in flight."""
+    min_replicas: int = 1
+    max_replicas: int = 2
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: float = 8.0  # requests, not rows: a sample request is one prompt's images
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+
+@dataclass
+class ServeConfig:
+    """The ModelServer deployment (gapray/serve/server.py): replicas, their resources, dynamic batching."""
+    num_replicas: int = 1  # fixed replica count; ignored when autoscaling_config is set
+    autoscaling_config: Optional[AutoscalingConfig] = None
+    num_cpus: float = 1.0  # logical CPUs per replica
+    num_gpus: float = 0.0  # GPUs per replica (fractions share a GPU); > 0 puts the model on cuda
+    max_batch_size: int = 32  # model rows per forward batch: a guided image is 2 rows (cond + uncond)
+    batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill after its first request
+    max_ongoing_requests: int = 64  # per replica; well above max_batch_size so that batches can fill
+    app_name: str = "gapray"
+    route_prefix: Optional[str] = "/gapray"  # HTTP routes <prefix>/sample, <prefix>/score; null: handles only
+    http_port: int = 8000  # the Serve HTTP proxy, always on 127.0.0.1 (used when gapray starts Serve)
+
+
+@dataclass
+class DataConfig:
+    """The Ray Data verdict pipeline (gapray/data/pipeline.py) and the preference data built from it."""
+    concurrency: int = 2  # actors per stage (sample, score) that keep requests in flight to Serve
+    num_cpus: float = 0.1  # logical CPUs per Data actor: they mostly wait on Serve
+    min_margin: float = 0.0  # DPO pairs need chosen p_aligned - rejected p_aligned >= min_margin
+    ref_logprobs: bool = False  # precompute reference log-probs of chosen/rejected (the serving policy)
+    request_retries: int = 20  # per Serve call: a request lost with its replica is sent again (same seeds)
+
+
+@dataclass
+class ServeAppConfig:
+    """What `serve run conf/serve.yaml` passes to gapray.serve.server:app_builder as `args`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+@dataclass
 class MeasureConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: str = "conf/prompts/geneval_sample.jsonl"
@@ -64,6 +109,109 @@ class MeasureConfig:
     overwrite: bool = False  # replace the outputs of an earlier run in run_dir
     grid_prompts: int = 4  # prompts per task shown in the image grids
     backend: str = "local"
+    serve: ServeConfig = field(default_factory=ServeConfig)  # backend=ray only
+    data: DataConfig = field(default_factory=DataConfig)  # backend=ray only
+
+
+# ---- training (gapray/train/, jobs/train.py, conf/train.yaml) ----------------------------------------
+TRAIN_OBJECTIVES = ("sft", "dpo")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")  # TRL's loss_type names
+REFERENCES = ("auto", "data", "model")
+TRAINABLE_GROUPS = ("language_model", "generation_head", "generation_aligner", "generation_embeddings")
+LR_SCHEDULES = ("constant", "linear", "cosine")  # transformers' lr_scheduler_type names
+TRAIN_BACKENDS = ("ray", "local")
+
+
+@dataclass
+class LossConfig:
+    """SFT: NLL of the image tokens. DPO: TRL's DPO on image tokens given the prompt (gapray/train/losses.py)."""
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | hinge | ipo | robust, as in TRL
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO; robust: probability a pair is flipped; < 0.5
+    rpo_alpha: Optional[float] = None  # weight of the NLL on the chosen image (the paper's extra term); null: none
+    average_logps: bool = False  # per-token mean log-probs in the DPO margin (576 tokens swamp sums); ipo always
+    reference: str = "auto"  # data: dpo.parquet's ref_*_logp columns; model: a frozen copy; auto: data if complete
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (torch's, handed to deepspeed.initialize) and its schedule; transformers' TrainingArguments names."""
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine (decay to 0 at the last step)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What goes into the generated DeepSpeed config (gapray/train/deepspeed.py)."""
+    zero_stage: int = 2  # 0 (plain data parallel), 1, 2, 3
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (stages 1-3)
+    offload_param: bool = False  # parameters to CPU (stage 3 only)
+    bf16: Optional[bool] = None  # null: bf16 when training on GPUs, fp32 on CPU
+
+
+@dataclass
+class TrainScalingConfig:
+    """Ray Train's ScalingConfig."""
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class TrainCheckpointConfig:
+    every_n_steps: Optional[int] = None  # DeepSpeed shards via ray.train.report; always at each epoch end
+    num_to_keep: Optional[int] = 2  # Ray CheckpointConfig.num_to_keep; null keeps all
+    export_epochs: list[int] = field(default_factory=list)  # save_pretrained dirs after these epochs (and the last)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the starting policy (and default reference)
+    data: str = ""  # preference dir holding sft.parquet and/or dpo.parquet (gapray.data.schemas)
+    objective: str = "dpo"  # sft: NLL on sft.parquet; dpo: pairs from dpo.parquet
+    trainable: list[str] = field(default_factory=lambda: ["language_model"])  # the paper: LLM only
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs, benchmarks)
+    micro_batch_size: int = 2  # rows per worker per forward; a DPO row is a pair (2 images)
+    gradient_accumulation_steps: int = 1
+    shuffle_buffer: int = 1024  # rows in the seeded local shuffle buffer (0: file order)
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: TrainScalingConfig = field(default_factory=TrainScalingConfig)
+    checkpoint: TrainCheckpointConfig = field(default_factory=TrainCheckpointConfig)
+    max_failures: int = 3  # Ray FailureConfig: worker-group restarts from the latest checkpoint
+    log_every_n_steps: int = 1
+    backend: str = "ray"  # ray: TorchTrainer + DeepSpeed; local: one process, plain PyTorch
+    run_dir: str = "runs/train"  # re-running the same run_dir resumes from its latest checkpoint
+    overwrite: bool = False  # delete an earlier run in run_dir and start over
+
+
+@dataclass
+class PretrainConfig:
+    """jobs/pretrain_world.py: the shapes-world Janus from scratch (gapray/world/pretrain.py)."""
+    out_dir: str = "runs/pretrain_world/model"  # a save_pretrained directory (model + processor)
+    seed: int = 0
+    vq_steps: int = 1500
+    vq_batch: int = 32
+    vq_lr: float = 2e-3
+    lm_steps: int = 3000
+    gen_batch: int = 32
+    und_batch: int = 16
+    lm_lr: float = 1e-3
+    self_generated_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    self_generated_k: int = 2
+    dev_prompts: int = 48  # train-split prompts for progress checks (the eval split is never touched)
+    vq_from: Optional[str] = None  # a saved world model whose VQ tokenizer to reuse (skips stage 1)
+    save_dtype: str = "float16"  # the shipped checkpoint's storage dtype (loads as float32)
+    overwrite: bool = False
 
 
 def load_config(schema: type, yaml_path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
@@ -136,9 +284,14 @@ def _valid_keys(schema: type, dotted_parent: str) -> list[str]:
     cls = schema
     for part in filter(None, dotted_parent.split(".")):
         f = next((f for f in fields(cls) if f.name == part), None)
-        if f is None or not is_dataclass(f.default_factory() if callable(f.default_factory) else None):
+        if f is None:
             return []
-        cls = type(f.default_factory())
+        # a nested schema: its default_factory, or for an Optional one defaulting to None, its annotation
+        sub = type(f.default_factory()) if callable(f.default_factory) else \
+            next((t for t in getattr(get_type_hints(cls)[part], "__args__", ()) if is_dataclass(t)), None)
+        if not is_dataclass(sub):
+            return []
+        cls = sub
     return [f.name for f in fields(cls)]
 
 
@@ -160,6 +313,8 @@ def check_values(cfg: DictConfig) -> None:
         _choice("model.dtype", cfg.model.dtype, DTYPES)
         _require(cfg.model.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.model.device) is not None,
                  "model.device", f"'{cfg.model.device}' is not auto, cpu, cuda or cuda:N")
+    if OmegaConf.get_type(cfg) is TrainConfig:  # its `data` is a path and its backends differ: own checks
+        return check_train(cfg)
     if "sampling" in cfg:
         s = cfg.sampling
         _require(s.guidance_scale > 1, "sampling.guidance_scale",
@@ -179,6 +334,70 @@ def check_values(cfg: DictConfig) -> None:
         _require(cfg.max_prompts >= 1, "max_prompts", f"must be >= 1 or null, got {cfg.max_prompts}")
     if "backend" in cfg:
         _choice("backend", cfg.backend, BACKENDS)
+    if "serve" in cfg:
+        check_serve(cfg.serve)
+    if "data" in cfg:
+        d = cfg.data
+        _require(d.concurrency >= 1, "data.concurrency", f"must be >= 1, got {d.concurrency}")
+        _require(d.num_cpus > 0, "data.num_cpus", f"must be > 0, got {d.num_cpus}")
+        _require(0 <= d.min_margin <= 1, "data.min_margin", f"must be in [0, 1], got {d.min_margin}")
+        _require(d.request_retries >= 0, "data.request_retries", f"must be >= 0, got {d.request_retries}")
+
+
+def check_serve(s: DictConfig) -> None:
+    _require(s.num_replicas >= 1, "serve.num_replicas", f"must be >= 1, got {s.num_replicas}")
+    _require(s.num_cpus >= 0 and s.num_gpus >= 0, "serve.num_cpus", "num_cpus and num_gpus must be >= 0")
+    _require(s.max_batch_size >= 2, "serve.max_batch_size",
+             f"must be >= 2 model rows (one guided image is 2 rows), got {s.max_batch_size}")
+    _require(s.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", f"must be >= 0, got {s.batch_wait_timeout_s}")
+    _require(s.max_ongoing_requests >= s.max_batch_size, "serve.max_ongoing_requests",
+             f"must be >= serve.max_batch_size ({s.max_batch_size}) so that batches can fill, "
+             f"got {s.max_ongoing_requests}")
+    _require(1 <= s.http_port <= 65535, "serve.http_port", f"must be a port number, got {s.http_port}")
+    _require(s.route_prefix is None or s.route_prefix.startswith("/"), "serve.route_prefix",
+             f"must start with '/' or be null, got '{s.route_prefix}'")
+    a = s.autoscaling_config
+    if a is not None:
+        _require(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1, "serve.autoscaling_config",
+                 f"need 0 <= min_replicas <= max_replicas, max_replicas >= 1; got {a.min_replicas}..{a.max_replicas}")
+        _require(a.target_ongoing_requests > 0, "serve.autoscaling_config.target_ongoing_requests", "must be > 0")
+
+
+def check_train(cfg: DictConfig) -> None:
+    _require(cfg.data != "", "data", "the preference directory is required: data=<dir with sft.parquet/dpo.parquet>")
+    _choice("objective", cfg.objective, TRAIN_OBJECTIVES)
+    _require(len(cfg.trainable) > 0, "trainable", f"name at least one of {', '.join(TRAINABLE_GROUPS)}")
+    for group in cfg.trainable:
+        _choice("trainable", group, TRAINABLE_GROUPS)
+    for key in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
+        _require(cfg[key] >= 1, key, f"must be >= 1, got {cfg[key]}")
+    _require(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", f"must be >= 1 or null, got {cfg.max_steps}")
+    _require(cfg.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {cfg.shuffle_buffer}")
+    _require(cfg.max_failures >= -1, "max_failures", f"must be >= 0 (-1: unlimited), got {cfg.max_failures}")
+    _choice("backend", cfg.backend, TRAIN_BACKENDS)
+    loss = cfg.loss
+    _require(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
+    _choice("loss.loss_type", loss.loss_type, DPO_LOSS_TYPES)
+    _require(0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {loss.label_smoothing}")
+    _require(loss.rpo_alpha is None or loss.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0 or null, got {loss.rpo_alpha}")
+    _choice("loss.reference", loss.reference, REFERENCES)
+    o = cfg.optim
+    _require(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    _choice("optim.lr_scheduler_type", o.lr_scheduler_type, LR_SCHEDULES)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0: no clipping), got {o.max_grad_norm}")
+    _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1", "adam betas must be in [0, 1)")
+    ds = cfg.deepspeed
+    _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    _require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage >= 1")
+    _require(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3")
+    _require(cfg.scaling.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {cfg.scaling.num_workers}")
+    _require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+    c = cfg.checkpoint
+    _require(c.every_n_steps is None or c.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1 or null")
+    _require(c.num_to_keep is None or c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be >= 1 or null")
+    for e in c.export_epochs:
+        _require(1 <= e <= cfg.epochs, "checkpoint.export_epochs", f"epoch {e} is not in 1..{cfg.epochs}")
 
 
 def load_model(cfg: ModelConfig | DictConfig):
@@ -189,6 +408,8 @@ def load_model(cfg: ModelConfig | DictConfig):
         from gapray.models.builders import build_tiny_janus
         model, processor = build_tiny_janus()
         return JanusModel(model.to(cfg.device if cfg.device != "auto" else "cpu"), processor)
+    if cfg.path in SHIPPED_MODELS:
+        return JanusModel.from_pretrained(str(SHIPPED_MODELS[cfg.path]), dtype=cfg.dtype, device=cfg.device)
     path = Path(cfg.path)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.path) is not None and not path.exists()
     if not path.exists() and not looks_like_hub_id:

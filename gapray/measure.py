@@ -3,11 +3,14 @@
 For every prompt: sample K images (our CFG sampler, one seed per image), decode them, ask the same
 model the verdict question about each, and record one row per image. Outputs in the run directory:
   verdicts.parquet  one row per image (schema: gapray.data.schemas.VERDICT_SCHEMA)
-  summary.json      non-unification overall and per task, with counts and 95% Wilson intervals
+  summary.json      non-unification overall and per task, with counts and 95% Wilson intervals; when
+                    the prompts come from the shapes world, also the oracle's figures (generation
+                    accuracy, understanding accuracy, weak-generation rate), per task and overall
   grids/<task>.png  images with their verdicts drawn on them
 
-`sample_and_score` is the unit of work: the local loop here and the Ray pipeline both call it on
-batches of prompts, so the two backends compute the same rows for the same seeds.
+`sample_and_score` is the unit of work of the local loop; `verdict_rows` builds its rows, and the Ray
+pipeline (gapray/data/pipeline.py, which samples and scores through Serve in separate calls) builds its
+rows with it too, so the two backends compute the same rows for the same seeds.
 Assumes the whole verdict table fits in memory (it holds token ids, not pixels).
 """
 
@@ -25,11 +28,12 @@ from tqdm import tqdm
 from gapray.config import load_model
 from gapray.data.schemas import to_table
 from gapray.errors import UserError
-from gapray.metrics import by_task, non_unification
-from gapray.models import SamplingParams, UnifiedModel
+from gapray.metrics import by_task, non_unification, oracle_figures
+from gapray.models import SampleOutput, SamplingParams, ScoreOutput, UnifiedModel
 from gapray.models.sampler import derive_seed
 from gapray.prompts import Prompt, load_prompts
 from gapray.verdict import to_verdict
+from gapray.world import in_world, judge as oracle_judge
 
 OUTPUTS = ("verdicts.parquet", "summary.json")
 
@@ -47,21 +51,36 @@ def sample_and_score(model: UnifiedModel, prompts: list[Prompt], k: int, samplin
     images = model.decode(out.tokens)
     flat = [p for p in prompts for _ in range(k)]
     judged = model.score([p.prompt for p in flat], images, mode=score_mode)
+    return verdict_rows(flat, [j for _ in prompts for j in range(k)], out, images, judged, threshold)
+
+
+def verdict_rows(flat: list[Prompt], sample_idx: list[int], out: SampleOutput, images, judged: ScoreOutput,
+                 threshold: float) -> list[dict]:
+    """Row i of the sample output, its image and its judgement -> one verdict row (VERDICT_SCHEMA).
+
+    The one place verdict rows are built: `sample_and_score` here and the Ray pipeline's score stage
+    (which gets sample and score answers from Serve separately) both call it. `images[i]` is read only
+    for prompts the shapes-world oracle can judge, so callers may pass None for the others.
+    """
     rows = []
     for i, p in enumerate(flat):
         pa = float(judged.p_aligned[i])
+        oracle = int(oracle_judge(images[i], p.meta)) if in_world(p.meta) else None
         rows.append({
-            "prompt_id": p.prompt_id, "task": p.task, "prompt": p.prompt, "sample_idx": i % k,
-            "seed": seeds[i], "image_tokens": out.tokens[i].tolist(),
+            "prompt_id": p.prompt_id, "task": p.task, "prompt": p.prompt, "sample_idx": int(sample_idx[i]),
+            "seed": out.seeds[i], "image_tokens": out.tokens[i].tolist(),
             "logprob": float(out.logprobs[i].sum()), "p_aligned": pa,
-            "verdict": to_verdict(pa, threshold), "answer": judged.answers[i],
+            "verdict": to_verdict(pa, threshold), "answer": judged.answers[i], "oracle_verdict": oracle,
         })
     return rows
 
 
 def summarize(rows: list[dict]) -> dict:
     nu = by_task(rows, lambda g: non_unification([r["verdict"] for r in g]))
-    return {"non_unification": nu["overall"]["value"], "overall": nu["overall"], "per_task": nu["per_task"]}
+    summary = {"non_unification": nu["overall"]["value"], "overall": nu["overall"], "per_task": nu["per_task"]}
+    if any(r["oracle_verdict"] is not None for r in rows):
+        summary["oracle"] = by_task(rows, oracle_figures)
+    return summary
 
 
 def measure_local(cfg: DictConfig, model: UnifiedModel, prompts: list[Prompt]) -> list[dict]:
@@ -100,7 +119,11 @@ def run_measure(cfg: DictConfig) -> dict:
     model = load_model(cfg.model)  # before any directory is made: a failed start leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = measure_local(cfg, model, prompts)
+    if cfg.backend == "ray":
+        from gapray.data.pipeline import measure_ray
+        rows = measure_ray(cfg, prompts)
+    else:
+        rows = measure_local(cfg, model, prompts)
     seconds = time.perf_counter() - t0
 
     write_atomic(run_dir / "verdicts.parquet", lambda p: pq.write_table(to_table(rows), p))

@@ -2,6 +2,8 @@
 
 - non-unification: share of a model's own generations that its own understanding rejects;
 - weak-generation rate: P(external judge rejects | model rejects);
+- generation accuracy: share of generations the external judge accepts (GenEval's "Gen.");
+- understanding accuracy: share of the model's verdicts on its own images that agree with the judge;
 Every rate comes with its count and a 95% Wilson interval: denominators can be small.
 """
 
@@ -39,3 +41,18 @@ def by_task(rows: list[dict], fn, key: str = "task") -> dict:
     for r in rows:
         groups[r[key]].append(r)
     return {"overall": fn(rows), "per_task": {t: fn(g) for t, g in sorted(groups.items())}}
+
+
+def oracle_figures(rows: list[dict]) -> dict:
+    """Figures that need an external judge; rows without an oracle verdict or with an unparsed self-verdict
+    are left out of the pairs that need both."""
+    judged = [r for r in rows if r.get("oracle_verdict") is not None]
+    both = [r for r in judged if r["verdict"] is not None]
+    self_rejected = [r for r in both if r["verdict"] == 0]
+    self_accepted = [r for r in both if r["verdict"] == 1]
+    return {
+        "generation_accuracy": rate(sum(r["oracle_verdict"] == 1 for r in judged), len(judged)),
+        "understanding_accuracy": rate(sum(r["verdict"] == r["oracle_verdict"] for r in both), len(both)),
+        "weak_generation_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_rejected), len(self_rejected)),
+        "false_acceptance_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_accepted), len(self_accepted)),
+    }

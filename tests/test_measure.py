@@ -58,6 +58,20 @@ def test_summary_matches_the_verdicts(run):
         assert s["n"] == len(task_rows) and s["k"] == sum(r["verdict"] == 0 for r in task_rows)
 
 
+def test_oracle_figures_for_world_prompts(run):
+    """The sample prompts speak of the shapes world, so every image also gets the oracle's verdict and the
+    summary the oracle-based figures, consistent with the rows."""
+    rows = pq.read_table(run / "verdicts.parquet").to_pylist()
+    assert all(r["oracle_verdict"] in (0, 1) for r in rows)
+    o = json.loads((run / "summary.json").read_text())["oracle"]["overall"]
+    assert o["generation_accuracy"]["n"] == len(rows)
+    assert o["generation_accuracy"]["k"] == sum(r["oracle_verdict"] for r in rows)
+    assert o["understanding_accuracy"]["k"] == sum(r["verdict"] == r["oracle_verdict"] for r in rows)
+    rejected = [r for r in rows if r["verdict"] == 0]
+    assert o["weak_generation_rate"]["n"] == len(rejected)
+    assert o["weak_generation_rate"]["k"] == sum(r["oracle_verdict"] == 0 for r in rejected)
+
+
 def test_grids_one_png_per_task(run):
     tasks = {p.task for p in load_prompts(SAMPLE)}
     pngs = {p.stem: p for p in (run / "grids").glob("*.png")}

@@ -42,3 +42,18 @@ def test_non_unification_counts_unparsed_apart():
     nu = non_unification([1, 0, 0, None, 1, None])
     assert nu["value"] == 0.5 and nu["k"] == 2 and nu["n"] == 4 and nu["unparsed"] == 2
     assert rate(0, 0)["value"] is None
+
+
+def test_oracle_figures_by_hand():
+    from gapray.metrics import oracle_figures
+
+    rows = [  # (self verdict, oracle verdict)
+        {"verdict": 1, "oracle_verdict": 1}, {"verdict": 1, "oracle_verdict": 0}, {"verdict": 0, "oracle_verdict": 0},
+        {"verdict": 0, "oracle_verdict": 0}, {"verdict": 0, "oracle_verdict": 1}, {"verdict": None, "oracle_verdict": 1},
+        {"verdict": 1, "oracle_verdict": None},
+    ]
+    f = oracle_figures(rows)
+    assert (f["generation_accuracy"]["k"], f["generation_accuracy"]["n"]) == (3, 6)
+    assert (f["understanding_accuracy"]["k"], f["understanding_accuracy"]["n"]) == (3, 5)
+    assert (f["weak_generation_rate"]["k"], f["weak_generation_rate"]["n"]) == (2, 3)
+    assert (f["false_acceptance_rate"]["k"], f["false_acceptance_rate"]["n"]) == (1, 2)

@@ -14,6 +14,7 @@ from PIL import Image, ImageFilter
 from gapray.world import (BACKGROUND, COLORS, RELATIONS, SHAPES, TASKS, explain, inspect, judge,
                           load_world_prompts, make_prompts, render)
 from gapray.world import grammar
+from gapray.world.grammar import perturbations
 from gapray.world.oracle import DEAD_ZONE
 
 # -----------------------------------------------------------------------------
@@ -163,40 +164,6 @@ DEGRADATIONS = {"clean": lambda img, rng: img, "blur": blur, "noise": noise, "bl
 # perturbed prompts: render the perturbed scene, judge it against the original prompt
 
 
-def _copy(row):
-    return json.loads(json.dumps(row))
-
-
-def perturb(row, rng):
-    """{kind: [perturbed rows]}: scenes that must NOT satisfy `row`."""
-    out = {"color": [], "count": [], "relation": [], "shape": []}
-    inc = row["include"]
-    if row["tag"] in ("colors", "color_attr"):
-        m = _copy(row)  # one colour replaced by another
-        i = int(rng.integers(len(inc)))
-        m["include"][i]["color"] = str(rng.choice([c for c in COLORS if c not in {it["color"] for it in inc}]))
-        out["color"].append(m)
-        if row["tag"] == "color_attr":  # the two colours swapped between the objects
-            m = _copy(row)
-            m["include"][0]["color"], m["include"][1]["color"] = inc[1]["color"], inc[0]["color"]
-            out["color"].append(m)
-    if row["tag"] != "position":
-        for i, dn in ((0, +1), (len(inc) - 1, -1)):  # one object more, one fewer
-            m = _copy(row)
-            m["include"][i]["count"] += dn
-            out["count"].append(m)
-    if row["tag"] == "position":
-        flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-        m = _copy(row)
-        m["include"][1]["position"][0] = flip[inc[1]["position"][0]]
-        out["relation"].append(m)
-    for i in range(len(inc)):  # one object's shape replaced by a shape the prompt does not name
-        m = _copy(row)
-        m["include"][i]["class"] = str(rng.choice([s for s in SHAPES if s not in {it["class"] for it in inc}]))
-        out["shape"].append(m)
-    return out
-
-
 KINDS = ("positive", "color", "count", "relation", "shape")
 SEEDS = (0, 1)  # several seeds ...
 RENDERS = 2  # ... and several renders each
@@ -210,7 +177,7 @@ def validation_set():
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
         for row in load_world_prompts("eval"):
-            metas = [("positive", row)] + [(k, m) for k, ms in perturb(row, rng).items() for m in ms]
+            metas = [("positive", row)] + [(k, m) for k, ms in perturbations(row, rng).items() for m in ms]
             for kind, meta in metas:
                 for _ in range(RENDERS):
                     items.append((kind, row, render(meta, 64, rng)))
@@ -303,7 +270,7 @@ def test_extra_object_rejected():
     for row in load_world_prompts("eval"):
         named = {it["class"] for it in row["include"]}
         for cls in (str(rng.choice([s for s in SHAPES if s not in named])), row["include"][0]["class"]):
-            meta = _copy(row)
+            meta = json.loads(json.dumps(row))
             meta["include"].append({"class": cls, "count": 1})
             img = render(meta, 64, rng)
             assert not judge(img, row), (row["prompt"], cls, explain(img, row))

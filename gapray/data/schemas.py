@@ -14,6 +14,7 @@ VERDICT_SCHEMA = pa.schema([
     pa.field("p_aligned", pa.float64()),  # NaN when a generate-mode answer did not parse
     pa.field("verdict", pa.int8()),  # 1 aligned, 0 misaligned, null unparsed
     pa.field("answer", pa.string()),  # free-text answer (generate mode only)
+    pa.field("oracle_verdict", pa.int8()),  # the external judge (shapes-world oracle); null where none applies
 ])
 
 
@@ -45,4 +46,49 @@ DPO_SCHEMA = pa.schema([
     pa.field("rejected_p", pa.float64(), nullable=False),
     pa.field("ref_chosen_logp", pa.float32()),
     pa.field("ref_rejected_logp", pa.float32()),
+])
+
+# --- the Ray verdict pipeline (gapray/data/pipeline.py) ------------------------------------------------
+
+# Pipeline input: one row per prompt, with the sample indices still to draw (all K on a fresh round; the
+# missing ones when a round resumes). `meta` is the GenEval metadata as JSON (null for plain-text prompts).
+PROMPT_ROW_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("meta", pa.string()),
+    pa.field("sample_idx", pa.list_(pa.int32()), nullable=False),
+])
+
+# Between the sample and the score stage: one row per drawn image, not yet judged.
+SAMPLED_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("meta", pa.string()),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("image_tokens", pa.list_(pa.int32()), nullable=False),
+    pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),  # per token, sampling distribution
+    pa.field("policy_version", pa.int64(), nullable=False),  # the weights that drew the image
+])
+
+# The verdict ledger (ledger/round=R/part-*.parquet): every verdict row of a round, keyed by
+# (round, prompt_id, sample_idx), with the policy version whose weights drew and judged the image.
+LEDGER_SCHEMA = pa.schema([
+    pa.field("round", pa.int32(), nullable=False),
+    *VERDICT_SCHEMA,
+    pa.field("policy_version", pa.int64(), nullable=False),
+])
+
+# The discard pool (data/round=R/discard.parquet): prompts none of whose images the model accepted
+# (PAPER.md, Algorithm 1, B), kept for curriculum replay.
+DISCARD_SCHEMA = pa.schema([
+    pa.field("round", pa.int32(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("n_images", pa.int32(), nullable=False),
+    pa.field("n_unparsed", pa.int32(), nullable=False),  # generate-mode answers that did not parse
+    pa.field("max_p_aligned", pa.float64()),  # the closest call; null when no answer parsed
 ])

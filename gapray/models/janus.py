@@ -27,6 +27,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def image_token_logprobs(model: JanusForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         tokens: torch.Tensor, sampling: SamplingParams | None = None,
+                         uncond_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) teacher-forced log-probs of image `tokens` given left-padded prompts ending in <begin_of_image>.
+
+    The one definition gapray has (notes/janus.md 1.6): prompt embeddings + generation embeddings of
+    tokens[:, :-1] through the language model, then the generation head. `sampling=None` gives the plain
+    conditional distribution (the training objective); otherwise the distribution `sample` draws from,
+    with `uncond_ids` (the prompts' unconditional rows) when it is guided. A module-level function so the
+    trainer can call it on a model that DeepSpeed wraps (its ZeRO-3 hooks sit on these submodules).
+    """
+    B = tokens.shape[0]
+    ids, mask, img = input_ids, attention_mask, tokens
+    if uncond_ids is not None:
+        ids, mask, img = torch.cat([ids, uncond_ids]), torch.cat([mask, mask]), torch.cat([tokens, tokens])
+    L = ids.shape[1]
+    embeds = torch.cat([model.get_input_embeddings()(ids),
+                        model.prepare_embeddings_for_image_generation(img[:, :-1])], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(img[:, :-1])], dim=1)
+    h = model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+    logits = model.model.generation_head(h[:, L - 1:])  # position L-1+t predicts image token t
+    if sampling is None:
+        logp = logits.float().log_softmax(-1)
+    else:
+        logp = guided_logprobs(logits[:B], logits[B:] if uncond_ids is not None else None, sampling)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1)
+
+
 class JanusModel(UnifiedModel):
     def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor):
         self.model = model.eval()
@@ -86,26 +114,10 @@ class JanusModel(UnifiedModel):
                        sampling: SamplingParams | None = None) -> torch.Tensor:
         enc = self.generation_inputs(prompts)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        tokens = tokens.to(self.device)
-        guided = sampling is not None and sampling.guided
-        if guided:
-            ids = torch.cat([ids, uncond_input_ids(ids, [self.bos_id, self.boi_id], self.pad_id)])
-            mask = torch.cat([mask, mask])
-            img = torch.cat([tokens, tokens])
-        else:
-            img = tokens
-        L = ids.shape[1]
-        embeds = torch.cat([self.model.get_input_embeddings()(ids),
-                            self.model.prepare_embeddings_for_image_generation(img[:, :-1])], dim=1)
-        full_mask = torch.cat([mask, torch.ones_like(img[:, :-1])], dim=1)
-        h = self.model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
-        logits = self.model.model.generation_head(h[:, L - 1:])  # position L-1+t predicts image token t
-        B = tokens.shape[0]
-        if sampling is None:
-            logp = logits.float().log_softmax(-1)
-        else:
-            logp = guided_logprobs(logits[:B], logits[B:] if guided else None, sampling)
-        return logp.gather(-1, tokens[..., None]).squeeze(-1)
+        uncond = None
+        if sampling is not None and sampling.guided:  # cond and uncond rows in one pass, as the sampler runs them
+            uncond = uncond_input_ids(ids, [self.bos_id, self.boi_id], self.pad_id)
+        return image_token_logprobs(self.model, ids, mask, tokens.to(self.device), sampling, uncond)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> np.ndarray:

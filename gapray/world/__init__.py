@@ -9,15 +9,15 @@ plays the role of GenEval's detector (oracle.py). The shipped prompt splits are 
 
 import importlib
 
-from .oracle import evaluate, explain, inspect, judge
+from .oracle import evaluate, explain, in_world, inspect, judge
 from .render import BACKGROUND, COLORS, PALETTE, RELATIONS, SHAPES, render
 
 # grammar's names are imported on first use (PEP 562), so that `python -m gapray.world.grammar`
 # finds grammar not yet imported (runpy warns when a module it runs was imported by its package)
-_GRAMMAR = ("TASKS", "COUNTS", "make_prompts", "load_world_prompts", "pairing_key", "bindings")
+_GRAMMAR = ("TASKS", "COUNTS", "make_prompts", "load_world_prompts", "pairing_key", "bindings", "perturbations")
 
 __all__ = ["SHAPES", "COLORS", "RELATIONS", "PALETTE", "BACKGROUND", *_GRAMMAR,
-           "render", "judge", "inspect", "explain", "evaluate"]
+           "render", "judge", "inspect", "explain", "evaluate", "in_world"]
 
 
 def __getattr__(name):

@@ -210,6 +210,42 @@ def make_prompts(seed=0):
     return out["train"], out["eval"]
 
 
+def _copy(row):
+    return json.loads(json.dumps(row))
+
+
+def perturbations(row, rng):
+    """{kind: [perturbed rows]}: near-miss scenes that must NOT satisfy `row` (colour swapped, count +-1,
+    relation flipped, shape swapped). Hard negatives for training understanding and validating the oracle."""
+    out = {"color": [], "count": [], "relation": [], "shape": []}
+    inc = row["include"]
+    if row["tag"] in ("colors", "color_attr"):
+        m = _copy(row)  # one colour replaced by another
+        i = int(rng.integers(len(inc)))
+        m["include"][i]["color"] = str(rng.choice([c for c in COLORS if c not in {it["color"] for it in inc}]))
+        out["color"].append(m)
+        if row["tag"] == "color_attr":  # the two colours swapped between the objects
+            m = _copy(row)
+            m["include"][0]["color"], m["include"][1]["color"] = inc[1]["color"], inc[0]["color"]
+            out["color"].append(m)
+    if row["tag"] != "position":
+        for i, dn in ((0, +1), (len(inc) - 1, -1)):  # one object more, one fewer
+            m = _copy(row)
+            m["include"][i]["count"] += dn
+            out["count"].append(m)
+    if row["tag"] == "position":
+        flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        m = _copy(row)
+        m["include"][1]["position"][0] = flip[inc[1]["position"][0]]
+        out["relation"].append(m)
+    for i in range(len(inc)):  # one object's shape replaced by a shape the prompt does not name
+        m = _copy(row)
+        m["include"][i]["class"] = str(rng.choice([s for s in SHAPES if s not in {it["class"] for it in inc}]))
+        out["shape"].append(m)
+    return out
+
+
+
 def split_sizes(rows):
     """{task: number of rows} in TASKS order."""
     return {t: sum(r["tag"] == t for r in rows) for t in TASKS}

@@ -258,3 +258,11 @@ def explain(image, meta):
     ok, reasons = evaluate(image, meta, objects)
     seen = "; ".join(_name(o) for o in objects) or "nothing"
     return ("ok" if ok else "fail: " + "; ".join(reasons)) + f" [detected: {seen}]"
+
+
+def in_world(meta):
+    """True when GenEval metadata speaks only of this world's shapes and colours, so the oracle can judge it."""
+    if not meta or not meta.get("include"):
+        return False
+    items = list(meta.get("include", [])) + list(meta.get("exclude", []))
+    return all(o.get("class") in SHAPES and o.get("color", COLORS[0]) in COLORS for o in items)

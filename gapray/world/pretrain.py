@@ -1,0 +1,266 @@
+"""Pretrain the shapes-world Janus from scratch on a CPU: the VQ image tokenizer, then the language model.
+
+Stage 1, VQ tokenizer: transformers' JanusVQVAE trained as an autoencoder on renders of train-split
+prompts. Its `forward` decodes from looked-up codes (no gradient reaches the encoder), so the training
+step is written here, LlamaGen-style: l2-normalised latents and codes (the normalised lookup is what
+`decode` uses), a straight-through estimator, codebook + commitment losses, dead codes restarted from
+the batch. Object pixels weigh more than background: shapes are a small share of each image.
+
+Stage 2, language model (+ vision encoder, aligners, generation head), two objectives per step:
+  - generation: NLL of the image tokens of a render given the prompt; the prompt is dropped (uncond row
+    of CFG: everything but BOS and <begin_of_image> set to pad) 10% of the time, so guidance works;
+  - understanding: the paper's verdict question (verbatim) about an image, answered "The score is 1/0 .",
+    the label given by the oracle on that exact image. Images are VQ round trips of positives and of
+    renders of perturbed prompts (hard negatives), round trips with corrupted tokens, and, after the
+    first part of training, the model's own generations: understanding learns to judge what generation
+    actually produces.
+Only train-split prompts are ever rendered or generated here; the eval split stays held out (its words
+are in the tokenizer's vocabulary, nothing else of it is used).
+Assumes the whole (small) training set fits in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gapray.models import JanusModel, SamplingParams
+from gapray.models.builders import build_janus
+from gapray.verdict import ANSWER_PREFIX
+from gapray.world.grammar import load_world_prompts
+from gapray.world.oracle import judge
+from gapray.world.render import COLORS, SHAPES, render
+
+IMAGE_SIZE = 32
+# 32 px images in 4 px patches: an 8 x 8 grid, 64 image tokens per image. (64 px quadruples the VQ's
+# convolution cost for no gain the oracle can see: it judges 32 px renders exactly, blurred and noised too.)
+WORLD_ARCH = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=128, num_layers=4, num_heads=4,
+                  intermediate_size=344, codebook_size=256, vq_base_channels=32, vq_channel_multiplier=[1, 2, 2],
+                  vision_hidden=128, vision_layers=3)
+
+
+def world_words() -> list[str]:
+    """The tokenizer's vocabulary: every word any world prompt (either split) can use."""
+    return [r["prompt"] for split in ("train", "eval") for r in load_world_prompts(split)]
+
+
+def build_world_model(seed: int = 0) -> JanusModel:
+    model, processor = build_janus(world_words(), seed=seed, **WORLD_ARCH)
+    return JanusModel(model, processor)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def render_batch(rows: list[dict], rng: np.random.Generator) -> np.ndarray:
+    return np.stack([render(r, IMAGE_SIZE, rng) for r in rows])
+
+
+# ---- stage 1: VQ tokenizer --------------------------------------------------------------------------
+def vq_quantize(vq, pixels: torch.Tensor):
+    """Encoder -> nearest l2-normalised code. Returns (straight-through latents, codes, codebook loss)."""
+    z = F.normalize(vq.quant_conv(vq.encoder(pixels)).permute(0, 2, 3, 1), dim=-1)  # (B, h, w, D)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+    codes = (z @ codebook.T).argmax(-1)  # max cosine = min distance between unit vectors
+    q = codebook[codes]
+    loss = F.mse_loss(q, z.detach()) + 0.25 * F.mse_loss(z, q.detach())
+    return (z + (q - z).detach()).permute(0, 3, 1, 2), codes, loss
+
+
+@torch.no_grad()
+def tokenize(model: JanusModel, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    vq = model.model.model.vqmodel
+    out = [vq_quantize(vq, to_pixels(images[i:i + batch]))[1].flatten(1) for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def train_vq(model: JanusModel, rows: list[dict], steps: int, batch: int = 16, lr: float = 2e-3, seed: int = 0,
+             log=print) -> None:
+    vq = model.model.model.vqmodel
+    vq.train()
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    usage = torch.zeros(vq.quantize.num_embeddings)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        images = render_batch([rows[i] for i in rng.integers(0, len(rows), batch)], rng)
+        x = to_pixels(images)
+        zq, codes, q_loss = vq_quantize(vq, x)
+        rec = vq.decoder(vq.post_quant_conv(zq))
+        # background is the per-image median colour; pixels away from it are object pixels
+        bg = x.flatten(2).median(-1).values[..., None, None]
+        weight = 1 + 9 * ((x - bg).abs().amax(1, keepdim=True) > 0.1).float()
+        loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean() + q_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        usage += torch.bincount(codes.flatten(), minlength=usage.numel())
+        if (step + 1) % 50 == 0:  # restart codes unused for 50 steps at random current latents
+            dead = (usage == 0).nonzero().flatten()
+            if len(dead):
+                with torch.no_grad():
+                    z = F.normalize(vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).reshape(-1, vq.quantize.embedding_dim), dim=-1)
+                    vq.quantize.embedding.weight[dead] = z[torch.randint(0, len(z), (len(dead),))]
+            log(f"vq step {step + 1}/{steps} loss {loss.item():.4f} codes used {(usage > 0).sum().item()} "
+                f"dead restarted {len(dead)} ({time.perf_counter() - t0:.0f}s)")
+            usage.zero_()
+    vq.eval()
+
+
+@torch.no_grad()
+def vq_round_trip_accuracy(model: JanusModel, rows: list[dict], n: int = 128, seed: int = 1) -> float:
+    """Share of VQ round trips of fresh renders that the oracle still accepts: the ceiling of Gen."""
+    rng = np.random.default_rng(seed)
+    picked = [rows[i] for i in rng.integers(0, len(rows), n)]
+    images = model.decode(tokenize(model, render_batch(picked, rng)))
+    return float(np.mean([judge(img, r) for img, r in zip(images, picked)]))
+
+
+# ---- stage 2: language model ------------------------------------------------------------------------
+@dataclass
+class Judged:
+    """Understanding examples: (prompt, image, oracle label) triples."""
+    prompts: list[str]
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int, the oracle's verdict on that exact image
+
+    def __add__(self, other: "Judged") -> "Judged":
+        return Judged(self.prompts + other.prompts, np.concatenate([self.images, other.images]),
+                      np.concatenate([self.labels, other.labels]))
+
+
+def oracle_labelled(model: JanusModel, rows: list[dict], tokens: torch.Tensor) -> Judged:
+    images = decode_batched(model, tokens)
+    labels = np.array([int(judge(img, r)) for img, r in zip(images, rows)])
+    return Judged([r["prompt"] for r in rows], images, labels)
+
+
+@torch.no_grad()
+def decode_batched(model: JanusModel, tokens: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return np.concatenate([model.decode(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
+
+
+def judged_pool(model: JanusModel, rows: list[dict], rng: np.random.Generator, per_prompt: int = 2) -> Judged:
+    """VQ round trips of positives, of hard negatives (perturbed prompts) and of positives with corrupted
+    tokens, each labelled by the oracle against the original prompt."""
+    from gapray.world.grammar import perturbations
+
+    subjects, metas = [], []
+    for r in rows:
+        for _ in range(per_prompt):
+            subjects.append(r), metas.append(r)  # positive
+            kinds = [m for ms in perturbations(r, rng).values() for m in ms]
+            subjects.append(r), metas.append(kinds[rng.integers(len(kinds))])  # hard negative
+    tokens = tokenize(model, render_batch(metas, rng))
+    n_codes = model.model.model.vqmodel.quantize.num_embeddings
+    corrupted = tokens[0::2].clone()  # from the positives: a few tokens replaced by random codes
+    for row in corrupted:
+        k = int(rng.integers(1, 10))
+        row[torch.from_numpy(rng.choice(row.numel(), k, replace=False))] = torch.from_numpy(rng.integers(0, n_codes, k))
+    return oracle_labelled(model, subjects, tokens) + oracle_labelled(model, subjects[0::2], corrupted)
+
+
+def self_generated_pool(model: JanusModel, rows: list[dict], k: int, seed: int,
+                        sampling: SamplingParams = SamplingParams()) -> Judged:
+    """The model's own generations for train prompts, labelled by the oracle."""
+    from gapray.measure import image_seed
+
+    tokens = []
+    for i in range(0, len(rows), 32):
+        batch = rows[i:i + 32]
+        seeds = [image_seed(seed, r["prompt_id"], j) for r in batch for j in range(k)]
+        tokens.append(model.sample([r["prompt"] for r in batch], k, sampling, seeds).tokens)
+    return oracle_labelled(model, [r for r in rows for _ in range(k)], torch.cat(tokens))
+
+
+def answer_text(model: JanusModel, label: int) -> str:
+    return f" {ANSWER_PREFIX} {label} .{model.tokenizer.eos_token}"
+
+
+def understanding_loss(model: JanusModel, pool: Judged, idx: np.ndarray) -> torch.Tensor:
+    """Cross-entropy on the answer 'The score is X .<eos>' after the verbatim verdict question."""
+    texts = [model.verdict_text(pool.prompts[i]) + answer_text(model, int(pool.labels[i])) for i in idx]
+    enc = model.processor(text=texts, images=list(pool.images[idx]), generation_mode="text", padding=True,
+                          return_tensors="pt")
+    n_answer = len(model.tokenizer.encode(answer_text(model, 1), add_special_tokens=False))
+    labels = enc["input_ids"].clone()
+    labels[:, :-n_answer] = -100  # left padding: the answer is the last n_answer tokens of every row
+    return model.model(**enc, labels=labels).loss
+
+
+def generation_loss(model: JanusModel, rows: list[dict], rng: np.random.Generator, p_uncond: float = 0.1) -> torch.Tensor:
+    """NLL of a fresh render's image tokens given the prompt; with probability p_uncond the prompt is
+    replaced by CFG's unconditional row, so the model learns the unconditional distribution too."""
+    from gapray.models.janus import image_token_logprobs
+    from gapray.models.sampler import uncond_input_ids
+
+    tokens = tokenize(model, render_batch(rows, rng))
+    enc = model.generation_inputs([r["prompt"] for r in rows])
+    ids = enc["input_ids"]
+    drop = torch.from_numpy(rng.random(len(rows)) < p_uncond)
+    ids = torch.where(drop[:, None], uncond_input_ids(ids, [model.bos_id, model.boi_id], model.pad_id), ids)
+    return -image_token_logprobs(model.model, ids, enc["attention_mask"], tokens).mean()
+
+
+def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -> dict:
+    """Gen./Und./Non. on train-split prompts with `gapray measure`'s own sample-and-score (never eval)."""
+    from gapray.measure import sample_and_score, summarize
+    from gapray.prompts import Prompt
+
+    prompts = [Prompt(r["prompt_id"], r["tag"], r["prompt"], r) for r in rows]
+    out = []
+    for i in range(0, len(prompts), 32):
+        out += sample_and_score(model, prompts[i:i + 32], k, SamplingParams(), seed)
+    s = summarize(out)
+    o = s["oracle"]["overall"]
+    return {"non_unification": s["non_unification"], "gen": o["generation_accuracy"]["value"],
+            "und": o["understanding_accuracy"]["value"], "weak_gen": o["weak_generation_rate"]["value"]}
+
+
+def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 32, und_batch: int = 16,
+             lr: float = 1e-3, self_generated_at: tuple[float, ...] = (0.5, 0.75), self_generated_k: int = 2,
+             dev_rows: list[dict] | None = None, seed: int = 0, log=print) -> None:
+    """Both objectives every step; the understanding pool grows with the model's own generations at the
+    given fractions of training, so the judge sees what the generator actually draws."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    params = [p for n, p in model.model.named_parameters() if ".vqmodel." not in n]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    pool = judged_pool(model, rows, rng)
+    log(f"understanding pool: {len(pool.labels)} examples, {pool.labels.mean():.2f} positive")
+    grow_at = {int(f * steps) for f in self_generated_at}
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if step in grow_at:
+            model.model.eval()
+            own = self_generated_pool(model, rows, self_generated_k, seed=seed * 1000 + step)
+            pool = pool + own
+            log(f"step {step}: + {len(own.labels)} own generations ({own.labels.mean():.2f} accepted by the oracle)")
+        model.model.train()
+        model.model.model.vqmodel.eval()
+        loss_g = generation_loss(model, [rows[i] for i in rng.integers(0, len(rows), gen_batch)], rng)
+        loss_u = understanding_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
+        opt.zero_grad()
+        (loss_g + loss_u).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0:
+            log(f"lm step {step + 1}/{steps} gen {loss_g.item():.3f} und {loss_u.item():.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+        if dev_rows and (step + 1) % max(1, steps // 4) == 0:
+            model.model.eval()
+            log(f"dev (train prompts) at step {step + 1}: {dev_check(model, dev_rows)}")
+    model.model.eval()

@@ -1,0 +1,74 @@
+"""Pretrain the shapes-world Janus from scratch: `python jobs/pretrain_world.py [key=value ...]`.
+
+Stage 1 trains the VQ image tokenizer on renders, stage 2 the language model on generation (prompt ->
+image tokens) and understanding (the verdict question, answered from the oracle's label) together.
+Seeded: the same seed gives the same model on the same machine and torch build. Writes a
+save_pretrained directory (model + processor) to `out_dir`; copy it to gapray/assets/shapes-janus to
+ship it. Only train-split prompts are used. Runs locally (no Ray): ~2.3M parameters, CPU.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str]) -> int:
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from gapray.config import CONF_DIR, PretrainConfig, load_config
+    from gapray.errors import UserError
+    from gapray.world.grammar import load_world_prompts
+    from gapray.world.pretrain import build_world_model, train_lm, train_vq, vq_round_trip_accuracy
+
+    try:
+        cfg = load_config(PretrainConfig, CONF_DIR / "pretrain_world.yaml", argv)
+        if cfg.vq_from and not (Path(cfg.vq_from) / "config.json").is_file():
+            raise UserError(f"vq_from: '{cfg.vq_from}' is not a saved model directory (no config.json)")
+        out = Path(cfg.out_dir)
+        if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+            raise UserError(f"out_dir '{out}' is not empty; choose another out_dir or pass overwrite=true")
+    except UserError as e:
+        print(f"pretrain_world: error: {e}", file=sys.stderr)
+        return 2
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    torch.manual_seed(cfg.seed)
+    rows = load_world_prompts("train")
+    dev = [rows[i] for i in np.random.default_rng(cfg.seed).choice(len(rows), cfg.dev_prompts, replace=False)]
+    model = build_world_model(cfg.seed)
+    t0 = time.perf_counter()
+    if cfg.vq_from:  # stage 1 done before: reuse that tokenizer, train the language model only
+        from gapray.models import JanusModel
+        trained = JanusModel.from_pretrained(cfg.vq_from).model.model.vqmodel
+        model.model.model.vqmodel.load_state_dict(trained.state_dict())
+        log(f"VQ tokenizer loaded from {cfg.vq_from}")
+    else:
+        train_vq(model, rows, cfg.vq_steps, batch=cfg.vq_batch, lr=cfg.vq_lr, seed=cfg.seed, log=log)
+    vq_seconds = time.perf_counter() - t0
+    ceiling = vq_round_trip_accuracy(model, rows)
+    log(f"VQ done in {vq_seconds:.0f}s; oracle accepts {ceiling:.1%} of round-tripped renders")
+    train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
+             self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
+             dev_rows=dev, seed=cfg.seed, log=log)
+    seconds = time.perf_counter() - t0
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.model.to(getattr(torch, cfg.save_dtype))
+    model.save_pretrained(str(out))
+    model.model.to(torch.float32)
+    (out / "pretrain.json").write_text(json.dumps({
+        "config": OmegaConf.to_container(cfg), "seconds": round(seconds, 1), "vq_seconds": round(vq_seconds, 1),
+        "vq_round_trip_oracle_accuracy": ceiling, "torch": torch.__version__}, indent=2))
+    log(f"saved {out} ({seconds / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
