@@ -1,0 +1,309 @@
+"""The Ray Data verdict pipeline: prompts -> images (Serve) -> self-verdicts (Serve) -> ledger -> preference data.
+
+    prompt rows ──► SampleStage ──► ScoreStage ─────────────► driver (run_round: counts only;
+    (PROMPT_ROW)    handle.sample   handle.score, then          measure_ray: the rows)
+                    (SAMPLED rows)  ledger part-*.parquet
+
+Both model stages are small actor pools that keep many requests in flight to the ModelServer replicas
+(gapray/serve/server.py), where `@serve.batch` packs them into model batches; the stages themselves only
+do bookkeeping. Execution is streaming: a batch of prompts is scored and written while later ones are
+still being drawn, and the driver sees only counts (`run_round`), never the verdicts themselves.
+
+What it guarantees
+  - the same rows as `gapray measure backend=local`: per-image seeds (gapray.measure.image_seed) make every
+    image independent of batching, and the rows are built by gapray.measure.verdict_rows;
+  - exactly P x K ledger rows per round: the round draws only the keys the ledger lacks (a re-run of a
+    finished round does nothing), and a request lost with a replica (killed, preempted) is sent again,
+    with the same seeds, to whichever replica Serve has then;
+  - every ledger row carries the policy_version that drew and judged it; a policy change in the middle
+    of a round (a reload between sampling and scoring an image) stops the round instead of mixing policies.
+
+`measure_ray` is `gapray measure backend=ray`; `run_round` is one self-improvement round.
+Assumes a running Ray (started here on 127.0.0.1 when there is none) and, for `run_round`, a deployed
+ModelServer app (gapray.serve.server.deploy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# A Ray that gapray starts itself listens on 127.0.0.1 only (DESIGN.md). Ray reads this variable when it
+# is imported, so it is set before the first `import ray`; never when attaching to a cluster (RAY_ADDRESS).
+if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from ray import serve  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gapray.data.ledger import VerdictLedger  # noqa: E402
+from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
+from gapray.data.schemas import LEDGER_SCHEMA, PROMPT_ROW_SCHEMA, SAMPLED_SCHEMA  # noqa: E402
+from gapray.measure import image_seed, verdict_rows  # noqa: E402
+from gapray.models import SampleOutput, SamplingParams, ScoreOutput  # noqa: E402
+from gapray.prompts import Prompt  # noqa: E402
+from gapray.serve.server import DEPLOYMENT, deploy, split_seeds  # noqa: E402
+from gapray.world import in_world  # noqa: E402
+
+log = logging.getLogger(__name__)
+# A request lost with its replica is safe to send again: images depend on their seeds only.
+RETRIABLE = (ray.exceptions.RayActorError, serve.exceptions.BackPressureError,
+             serve.exceptions.ReplicaUnavailableError, serve.exceptions.DeploymentUnavailableError)
+
+
+COUNTED = ["prompt_id", "sample_idx", "verdict", "policy_version"]  # what run_round's driver sees of a verdict
+
+
+class PolicyChangedError(RuntimeError):
+    """An image was judged by other weights than drew it: Serve was reloaded in the middle of a round."""
+
+
+def call_all(method, calls: list[tuple], retries: int) -> list:
+    """`method.remote(*args)` for every args tuple at once (so that Serve can batch them), then the answers
+    in order; a call that fails because its replica went away is sent again, up to `retries` times."""
+    responses = [method.remote(*args) for args in calls]
+    answers = []
+    for args, response in zip(calls, responses):
+        for attempt in range(retries + 1):
+            try:
+                answers.append(response.result())
+                break
+            except RETRIABLE as e:
+                if attempt == retries:
+                    raise
+                log.warning("request lost with its replica (%s); sending it again (%d/%d)",
+                            type(e).__name__, attempt + 1, retries)
+                time.sleep(min(0.25 * 2 ** attempt, 4.0))  # give Serve time to start a replacement
+                response = method.remote(*args)
+    return answers
+
+
+def prompt_rows(todo: list[tuple[Prompt, list[int]]]) -> pa.Table:
+    """(prompt, sample indices to draw) pairs -> the pipeline's input table (PROMPT_ROW_SCHEMA)."""
+    return pa.Table.from_pylist([{"prompt_id": p.prompt_id, "task": p.task, "prompt": p.prompt,
+                                  "meta": json.dumps(p.meta) if p.meta is not None else None,
+                                  "sample_idx": list(idx)} for p, idx in todo], schema=PROMPT_ROW_SCHEMA)
+
+
+class SampleStage:
+    """Prompt rows -> one SAMPLED row per image, drawn by the ModelServer replicas."""
+
+    def __init__(self, app_name: str, sampling: dict, seed: int, max_rows: int, retries: int):
+        self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+        self.sampling, self.params = sampling, SamplingParams(**sampling)
+        self.seed, self.max_rows, self.retries = seed, max_rows, retries
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        calls, owners = [], []
+        for row in batch.to_pylist():
+            seeds = {image_seed(self.seed, row["prompt_id"], j): j for j in row["sample_idx"]}
+            # a request never exceeds one model batch (Serve refuses those), so big K is split
+            for chunk in split_seeds(list(seeds), self.params, self.max_rows):
+                calls.append((row["prompt"], chunk, self.sampling))
+                owners.append((row, [seeds[s] for s in chunk]))
+        out = []
+        for (row, idx), answer in zip(owners, call_all(self.handle.sample, calls, self.retries)):
+            for i, j in enumerate(idx):
+                out.append({"prompt_id": row["prompt_id"], "task": row["task"], "prompt": row["prompt"],
+                            "meta": row["meta"], "sample_idx": j, "seed": answer["seeds"][i],
+                            "image_tokens": answer["tokens"][i], "token_logprobs": answer["logprobs"][i],
+                            "policy_version": answer["policy_version"]})
+        return pa.Table.from_pylist(out, schema=SAMPLED_SCHEMA)
+
+
+class ScoreStage:
+    """SAMPLED rows -> verdict rows (LEDGER_SCHEMA), judged by the ModelServer replicas."""
+
+    def __init__(self, app_name: str, mode: str, threshold: float, round: int, max_rows: int, retries: int,
+                 ledger_root: str | None = None):
+        self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+        self.mode, self.threshold, self.round = mode, threshold, round
+        self.max_rows, self.retries = max_rows, retries
+        # With a ledger, the actor stores each batch itself (no extra stage, no extra worker processes)
+        # and passes on only what the driver counts.
+        self.ledger = VerdictLedger(ledger_root) if ledger_root else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        by_prompt: dict[str, list[dict]] = {}
+        for row in batch.to_pylist():
+            by_prompt.setdefault(row["prompt_id"], []).append(row)
+        groups = [rows[i:i + self.max_rows] for rows in by_prompt.values() for i in range(0, len(rows), self.max_rows)]
+        prompts = [Prompt(g[0]["prompt_id"], g[0]["task"], g[0]["prompt"],
+                          json.loads(g[0]["meta"]) if g[0]["meta"] else None) for g in groups]
+        calls = [(p.prompt, np.array([r["image_tokens"] for r in g], dtype=np.int64), self.mode, in_world(p.meta))
+                 for p, g in zip(prompts, groups)]
+        out = []
+        for p, g, answer in zip(prompts, groups, call_all(self.handle.score, calls, self.retries)):
+            drawn_by = {r["policy_version"] for r in g}
+            if drawn_by != {answer["policy_version"]}:
+                raise PolicyChangedError(f"prompt {p.prompt_id}: images drawn by policy {sorted(drawn_by)} were "
+                                         f"judged by policy {answer['policy_version']}; reload Serve between rounds")
+            sampled = SampleOutput(tokens=torch.tensor([r["image_tokens"] for r in g]),
+                                   logprobs=torch.tensor([r["token_logprobs"] for r in g], dtype=torch.float32),
+                                   seeds=[r["seed"] for r in g])
+            judged = ScoreOutput(np.asarray(answer["p_aligned"], dtype=np.float64), answer["answers"])
+            images = answer["images"] if answer["images"] is not None else [None] * len(g)
+            rows = verdict_rows([p] * len(g), [r["sample_idx"] for r in g], sampled, images, judged, self.threshold)
+            out += [{"round": self.round, **r, "policy_version": answer["policy_version"]} for r in rows]
+        table = pa.Table.from_pylist(out, schema=LEDGER_SCHEMA)
+        if self.ledger is None:
+            return table
+        self.ledger.write_part(self.round, table)
+        return table.select(COUNTED)
+
+
+def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, round: int = 0,
+                    ledger_root: str | None = None) -> ray.data.Dataset:
+    """The lazy Ray Data plan from prompts to verdict rows (LEDGER_SCHEMA) through the Serve app `app_name`.
+
+    `cfg` holds what `gapray measure` configures: seed, sampling, scoring, batch_prompts, serve, data.
+    With `ledger_root` the rows go into the ledger as they are made and the dataset yields only COUNTED.
+    """
+    table = prompt_rows(todo)
+    # one block per batch of prompts: blocks are what Ray Data hands to different actors
+    blocks = [table.slice(i, cfg.batch_prompts) for i in range(0, table.num_rows, cfg.batch_prompts)]
+    sampling = OmegaConf.to_container(cfg.sampling) if OmegaConf.is_config(cfg.sampling) else dict(cfg.sampling)
+    common = dict(max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries)
+    pool = dict(compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency), num_cpus=cfg.data.num_cpus,
+                batch_format="pyarrow", zero_copy_batch=True)
+    return (ray.data.from_arrow(blocks)
+            .map_batches(SampleStage, batch_size=cfg.batch_prompts, **pool,
+                         fn_constructor_kwargs=dict(app_name=app_name, sampling=sampling, seed=cfg.seed, **common))
+            .map_batches(ScoreStage, batch_size=None, **pool,
+                         fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode,
+                                                    threshold=cfg.scoring.threshold, round=round,
+                                                    ledger_root=ledger_root, **common)))
+
+
+class _Meters:
+    """ray.util.metrics for the dashboard: verdicts written and the running acceptance rate."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.verdicts = metrics.Counter("gapray_verdicts", "verdict rows produced", tag_keys=("verdict",))
+        self.acceptance = metrics.Gauge("gapray_acceptance_rate", "share of images the model accepts, this round")
+        self.n = self.accepted = 0
+
+    def update(self, verdicts: list) -> None:
+        acc = sum(v == 1 for v in verdicts)
+        self.n += len(verdicts)
+        self.accepted += acc
+        for tag, n in (("accepted", acc), ("rejected_or_unparsed", len(verdicts) - acc)):
+            if n:
+                self.verdicts.inc(n, tags={"verdict": tag})
+        if self.n:
+            self.acceptance.set(self.accepted / self.n)
+
+
+def run_round(cfg, prompts: list[Prompt], run_dir: str | Path, round: int, app_name: str | None = None,
+              reference: Reference | None = None) -> dict:
+    """One round: K verdicts per prompt into the ledger (only the missing ones), then the round's
+    SFT rows, DPO pairs and discard pool under data/round=R/. Returns counts.
+
+    The ModelServer app `app_name` (default cfg.serve.app_name) must be running. With cfg.data.ref_logprobs
+    and no `reference`, the DPO rows get reference log-probs from the same replicas. Images are drawn with
+    image_seed(cfg.seed, prompt_id, sample_idx): give each round its own cfg.seed (e.g. derive_seed(seed,
+    round)) unless it should redraw the same images.
+    """
+    run_dir = Path(run_dir)
+    app_name = app_name or cfg.serve.app_name
+    ledger = VerdictLedger(run_dir / "ledger")
+    todo = ledger.missing(round, prompts, cfg.images_per_prompt)
+    meters = _Meters()
+    if todo:
+        ds = verdict_dataset(todo, cfg, app_name, round, ledger_root=str(ledger.root))
+        with tqdm(total=sum(len(idx) for _, idx in todo), unit="img", desc=f"round {round}", dynamic_ncols=True) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                meters.update(batch.column("verdict").to_pylist())
+                bar.update(batch.num_rows)
+    expected = len(prompts) * cfg.images_per_prompt
+    stored = ledger.count(round)
+    if stored != expected:
+        raise RuntimeError(f"round {round}: the ledger holds {stored} rows, expected {expected}")
+    out_dir = run_dir / "data" / f"round={round}"
+    if meters.n or not all((out_dir / f"{name}.parquet").exists() for name in OUTPUTS):
+        if reference is None and cfg.data.ref_logprobs:
+            reference = serve_reference(app_name, cfg.serve.max_batch_size, cfg.data.request_retries)
+        build_preference_data(ledger, round, out_dir, min_margin=cfg.data.min_margin, reference=reference)
+    counts = {name: pq.ParquetFile(out_dir / f"{name}.parquet").metadata.num_rows for name in OUTPUTS}
+    return {"round": round, "rows": stored, "new_rows": meters.n, **counts}
+
+
+def serve_reference(app_name: str, max_rows: int, retries: int) -> Reference:
+    """Reference log-probs from the ModelServer replicas (their current policy), `max_rows` images a call."""
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+
+    def reference(prompts: list[str], tokens: list[list[int]]) -> list[float]:
+        calls = [(prompts[i:i + max_rows], np.array(tokens[i:i + max_rows], dtype=np.int64))
+                 for i in range(0, len(prompts), max_rows)]
+        return [x for a in call_all(handle.logprobs, calls, retries) for x in a["logprobs"]]
+    return reference
+
+
+def init_ray(cfg) -> bool:
+    """Attach to the running Ray, or start a local one bound to 127.0.0.1; True if started here."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` / an existing cluster: its own settings
+        ray.init()
+        return True
+    # A local instance listens on loopback only (DESIGN.md): Ray must have been imported with the variable
+    # set (this module sets it), or it would bind its servers to the machine's network address.
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set, so a local Ray "
+                           "would listen beyond 127.0.0.1: set it in the environment before starting Python")
+    # Logical CPUs sized for what this run places, so replicas and Data actors never wait on each other.
+    s = cfg.serve
+    replicas = s.autoscaling_config.max_replicas if s.autoscaling_config is not None else s.num_replicas
+    need = replicas * s.num_cpus + 2 * cfg.data.concurrency * cfg.data.num_cpus + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError("Ray did not bind to 127.0.0.1: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+                           "in the environment before starting Python")
+    return True
+
+
+def measure_ray(cfg, prompts: list[Prompt]) -> list[dict]:
+    """`gapray measure backend=ray`: the verdict rows of measure_local, computed by Serve + Ray Data.
+
+    Deploys its own ModelServer app for cfg.model (handles only, no HTTP route), streams the verdicts
+    back, and removes the app (and the Ray instance, if it started one) when done.
+    """
+    started = init_ray(cfg)
+    app_name = f"{cfg.serve.app_name}-measure"
+    deployed = False
+    try:
+        deploy(cfg.model, cfg.serve, name=app_name, route_prefix=None)
+        deployed = True
+        ds = verdict_dataset([(p, list(range(cfg.images_per_prompt))) for p in prompts], cfg, app_name)
+        rows, meters = [], _Meters()
+        with tqdm(total=len(prompts) * cfg.images_per_prompt, unit="img", desc="sample+score (ray)",
+                  dynamic_ncols=True) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                meters.update(batch.column("verdict").to_pylist())
+                rows += batch.drop_columns(["round", "policy_version"]).to_pylist()
+                bar.update(batch.num_rows)
+    finally:
+        if deployed:
+            serve.delete(app_name)
+        if started:
+            ray.shutdown()
+    order = {p.prompt_id: i for i, p in enumerate(prompts)}
+    return sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample_idx"]))

@@ -1,0 +1,446 @@
+"""Ray Serve: `ModelServer` replicas hold one UnifiedModel each and sample and self-score images for everyone.
+
+What it supports
+  - `sample(prompt, seeds, sampling)`: one image per seed (our CFG sampler; an image depends on model,
+    prompt and seed only, so dynamic batching never changes an image);
+  - `score(prompt, image_tokens, mode, return_images)`: decode the images and ask the verdict question;
+  - `logprobs(prompts, image_tokens)`: conditional log-prob sums (reference log-probs for DPO);
+  - `@serve.batch` on sample and score, with the batch size counted in model rows (a guided image is two
+    rows: cond + uncond), so `max_batch_size` bounds memory whatever the request sizes;
+  - weight reload in place through `reconfigure(user_config={"checkpoint": dir, "policy_version": v})`:
+    Serve calls it on the live replicas without restarting them, and a replica that starts later (one
+    that replaces a dead one, or an autoscaled one) gets the same user_config, so no replica serves an old
+    policy; every answer carries the policy_version of the weights that produced it;
+  - HTTP routes (FastAPI ingress) under the route prefix: POST /sample, POST /score, GET /version.
+
+The work itself is plain functions (`sample_requests`, `score_requests`, `swap_weights`) that run without
+Ray; the deployment only adds batching, a lock (a batch never sees a half-swapped model) and metrics.
+
+Standalone, on a machine where Ray must stay on loopback (conf/serve.yaml binds HTTP to 127.0.0.1):
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 serve run conf/serve.yaml
+    curl -s -X POST http://127.0.0.1:8000/gapray/sample -H 'Content-Type: application/json' \\
+         -d '{"prompt": "a photo of a red circle", "n": 2, "seed": 0}'
+    curl -s -X POST http://127.0.0.1:8000/gapray/score -H 'Content-Type: application/json' \\
+         -d '{"prompt": "a photo of a red circle", "image_tokens": [12, 40, ...]}'
+
+A new policy, without restarting replicas: edit `user_config` in conf/serve.yaml and `serve deploy` it, or
+from Python `reload(model, serve_cfg, checkpoint=dir, policy_version=v)`.
+Assumes: a checkpoint is a save_pretrained directory of the same architecture as the served model (the
+processor does not change); the served model fits on one replica's device.
+"""
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import socket
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, Field
+from ray import serve
+
+from gapray.config import ModelConfig, ServeAppConfig, load_config, load_model
+from gapray.data.preference import conditional_logprobs
+from gapray.models import SamplingParams, UnifiedModel
+from gapray.verdict import to_verdict
+
+DEPLOYMENT = "ModelServer"
+
+
+# ---- the work, without Ray ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    prompt: str
+    seeds: tuple[int, ...]  # one image per seed
+    sampling: SamplingParams
+
+    @property
+    def rows(self) -> int:
+        return len(self.seeds) * rows_per_image(self.sampling)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+    prompt: str
+    tokens: np.ndarray  # (n, T) image token ids, all judged against `prompt`
+    mode: str = "logits"
+    return_images: bool = False  # send the decoded pixels back (the shapes-world oracle reads them)
+
+    @property
+    def rows(self) -> int:
+        return len(self.tokens)
+
+
+def rows_per_image(sampling: SamplingParams) -> int:
+    """Model rows one image costs while sampling: CFG runs a cond and an uncond row."""
+    return 2 if sampling.guided else 1
+
+
+def split_seeds(seeds: list[int], sampling: SamplingParams, max_rows: int) -> list[list[int]]:
+    """Cut one prompt's seeds into requests that each fit in a batch of `max_rows` model rows."""
+    per = max(1, max_rows // rows_per_image(sampling))
+    return [list(seeds[i:i + per]) for i in range(0, len(seeds), per)]
+
+
+def batch_rows(requests: list) -> int:
+    """`@serve.batch`'s batch_size_fn: the model rows a batch of requests costs."""
+    return sum(r.rows for r in requests)
+
+
+def sample_requests(model: UnifiedModel, requests: list[SampleRequest]) -> list[dict]:
+    """Answer sample requests with one `model.sample` call per distinct SamplingParams.
+
+    Each image is one row with its own seed (n_per_prompt=1 over repeated prompts), so mixing prompts
+    and requests in a batch changes nothing in any image.
+    """
+    answers: list[dict | None] = [None] * len(requests)
+    groups: dict[SamplingParams, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[r.sampling].append(i)
+    for sampling, idx in groups.items():
+        prompts = [requests[i].prompt for i in idx for _ in requests[i].seeds]
+        seeds = [s for i in idx for s in requests[i].seeds]
+        out = model.sample(prompts, 1, sampling, seeds)
+        start = 0
+        for i in idx:
+            n = len(requests[i].seeds)
+            answers[i] = {"tokens": out.tokens[start:start + n].to(torch.int32).numpy(),
+                          "logprobs": out.logprobs[start:start + n].float().numpy(),
+                          "seeds": list(requests[i].seeds)}
+            start += n
+    return answers
+
+
+def score_requests(model: UnifiedModel, requests: list[ScoreRequest]) -> list[dict]:
+    """Decode and judge the images of score requests, one `model.score` call per score mode."""
+    answers: list[dict | None] = [None] * len(requests)
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[r.mode].append(i)
+    for mode, idx in groups.items():
+        tokens = torch.as_tensor(np.concatenate([np.asarray(requests[i].tokens) for i in idx]), dtype=torch.long)
+        images = model.decode(tokens)
+        prompts = [requests[i].prompt for i in idx for _ in range(requests[i].rows)]
+        judged = model.score(prompts, images, mode=mode)
+        start = 0
+        for i in idx:
+            n = requests[i].rows
+            answers[i] = {"p_aligned": judged.p_aligned[start:start + n].tolist(),
+                          "answers": list(judged.answers[start:start + n]),
+                          "images": images[start:start + n] if requests[i].return_images else None}
+            start += n
+    return answers
+
+
+def swap_weights(model: UnifiedModel, model_cfg: dict, checkpoint: str | None) -> None:
+    """Copy a checkpoint's weights into the live model, tensor by tensor, in place.
+
+    `checkpoint` is a save_pretrained directory; None means the weights `model_cfg` names (a reload back to
+    the base policy). The module objects stay, and so does the device memory they hold: the new weights
+    are loaded on the CPU, never a second copy on the device. Strict loading refuses another architecture.
+    """
+    fresh = load_model(OmegaConf.structured(ModelConfig(**{**model_cfg, "path": checkpoint or model_cfg["path"],
+                                                           "device": "cpu"})))
+    new, live = fresh.model.state_dict(), model.model.state_dict()
+    # check everything before copying anything: a refused checkpoint leaves the served weights intact
+    bad = sorted({k for k in live if k not in new or new[k].shape != live[k].shape} | (set(new) - set(live)))
+    if bad:
+        raise ValueError(f"checkpoint '{checkpoint}' does not fit the served model ({len(bad)} tensors differ, "
+                         f"e.g. {bad[0]})")
+    with torch.no_grad():
+        model.model.load_state_dict(new, strict=True)
+    del fresh, new
+
+
+def to_png_base64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ---- the deployment -----------------------------------------------------------------------------------
+def keep_replica_grpc_on_loopback() -> None:
+    """On a loopback-only node, bind this replica's inter-deployment gRPC server to 127.0.0.1.
+
+    Ray Serve 2.60 binds it to [::]:0, all interfaces, whatever the node's IP; gapray's rule is that Ray
+    listens on 127.0.0.1 only where the node is 127.0.0.1 (DESIGN.md). Peers reach a replica at its node
+    IP, so on such a node binding loopback changes nothing else. Runs in the replica's constructor, which
+    Serve calls before it starts that server; a Ray without this hook is left alone.
+    """
+    import ray
+    import ray.serve._private.replica as replica_impl
+
+    bind = getattr(replica_impl, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "loopback_only", False) or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+
+    def bind_loopback(server, address: str):
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    bind_loopback.loopback_only = True
+    replica_impl.add_port_to_grpc_server = bind_loopback
+
+
+class SampleBody(BaseModel):
+    prompt: str
+    n: int = Field(1, ge=1, le=256)
+    seed: int = 0  # image j gets gapray.measure.image_seed(seed, prompt_id, j), as in `gapray measure`
+    prompt_id: str | None = None  # defaults to the prompt text
+    guidance_scale: float = Field(5.0, gt=1.0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    png: bool = False  # also return the images as base64 PNGs
+
+
+class ScoreBody(BaseModel):
+    prompt: str
+    image_tokens: list[int]
+    mode: str = "logits"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+http_app = FastAPI(title="gapray ModelServer")
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(http_app)
+class ModelServer:
+    def __init__(self, model: dict, max_batch_size: int, batch_wait_timeout_s: float):
+        from ray.util import metrics
+
+        keep_replica_grpc_on_loopback()
+        self.model_cfg = model
+        self.model = load_model(OmegaConf.structured(ModelConfig(**model)))
+        self.checkpoint: str | None = None  # None: the weights `model` names
+        self.policy_version = 0
+        self.max_batch_size = max_batch_size
+        self._lock = asyncio.Lock()  # one model call at a time; reconfigure waits for the running batch
+        for handler in (self._sample_batch, self._score_batch):
+            handler.set_max_batch_size(max_batch_size)
+            handler.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batches = {"sample": collections.deque(maxlen=4096), "score": collections.deque(maxlen=4096)}
+        self.m_images = metrics.Counter("gapray_images_sampled", "images drawn by ModelServer")
+        self.m_scored = metrics.Counter("gapray_images_scored", "images judged by ModelServer")
+        self.m_rows = metrics.Histogram("gapray_batch_rows", "model rows per batch",
+                                        boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("method",))
+        self.m_version = metrics.Gauge("gapray_policy_version", "policy version a replica serves")
+
+    async def reconfigure(self, user_config: dict) -> None:
+        unknown = set(user_config) - {"checkpoint", "policy_version"}
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; valid: checkpoint, policy_version")
+        checkpoint = user_config.get("checkpoint") or None
+        async with self._lock:
+            if checkpoint != self.checkpoint:
+                await asyncio.to_thread(swap_weights, self.model, self.model_cfg, checkpoint)
+                self.checkpoint = checkpoint
+            self.policy_version = int(user_config.get("policy_version", 0))
+            self.m_version.set(self.policy_version)
+
+    # -- handle API (Ray Data calls these) --
+    async def sample(self, prompt: str, seeds: list[int], sampling: dict | None = None) -> dict:
+        return await self._sample_batch(SampleRequest(prompt, tuple(int(s) for s in seeds),
+                                                      SamplingParams(**(sampling or {}))))
+
+    async def score(self, prompt: str, image_tokens, mode: str = "logits", return_images: bool = False) -> dict:
+        tokens = np.atleast_2d(np.asarray(image_tokens, dtype=np.int64))
+        return await self._score_batch(ScoreRequest(prompt, tokens, mode, return_images))
+
+    async def logprobs(self, prompts: list[str], image_tokens) -> dict:
+        async with self._lock:
+            version = self.policy_version
+            out = await asyncio.to_thread(conditional_logprobs, self.model, prompts, image_tokens)
+        return {"logprobs": out, "policy_version": version}
+
+    async def stats(self) -> dict:
+        """Batches formed so far, as (requests, model rows): what tests and benchmarks inspect."""
+        return {"sample": list(self.batches["sample"]), "score": list(self.batches["score"]),
+                "policy_version": self.policy_version, "checkpoint": self.checkpoint, "pid": os.getpid(),
+                "max_batch_size": self.max_batch_size}
+
+    # max_batch_size here is a placeholder: __init__ sets the configured one (in model rows).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05, batch_size_fn=batch_rows)
+    async def _sample_batch(self, requests: list[SampleRequest]) -> list[dict]:
+        answers, version = await self._run("sample", sample_requests, requests)
+        self.m_images.inc(sum(len(r.seeds) for r in requests))
+        return [{**a, "policy_version": version} for a in answers]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05, batch_size_fn=batch_rows)
+    async def _score_batch(self, requests: list[ScoreRequest]) -> list[dict]:
+        answers, version = await self._run("score", score_requests, requests)
+        self.m_scored.inc(batch_rows(requests))
+        return [{**a, "policy_version": version} for a in answers]
+
+    async def _run(self, method: str, fn, requests):
+        # The model runs in a worker thread so that the replica's event loop keeps taking requests
+        # (they form the next batch) and answering health checks during a long batch.
+        async with self._lock:
+            version = self.policy_version
+            answers = await asyncio.to_thread(fn, self.model, requests)
+        rows = batch_rows(requests)
+        self.batches[method].append((len(requests), rows))
+        self.m_rows.observe(rows, tags={"method": method})
+        return answers, version
+
+    # -- HTTP routes --
+    @http_app.post("/sample")
+    async def http_sample(self, body: SampleBody) -> dict:
+        from gapray.measure import image_seed
+
+        sampling = SamplingParams(body.guidance_scale, body.temperature, body.top_k, body.top_p)
+        seeds = [image_seed(body.seed, body.prompt_id or body.prompt, j) for j in range(body.n)]
+        parts = await asyncio.gather(*[self.sample(body.prompt, chunk, dataclasses.asdict(sampling))
+                                       for chunk in split_seeds(seeds, sampling, self.max_batch_size)])
+        tokens = np.concatenate([p["tokens"] for p in parts])
+        out = {"prompt": body.prompt, "seeds": seeds, "image_tokens": tokens.tolist(),
+               "logprob": np.concatenate([p["logprobs"] for p in parts]).sum(-1).tolist(),
+               "policy_version": min(p["policy_version"] for p in parts)}
+        if body.png:
+            async with self._lock:
+                images = await asyncio.to_thread(self.model.decode, torch.as_tensor(tokens, dtype=torch.long))
+            out["png_base64"] = [to_png_base64(im) for im in images]
+        return out
+
+    @http_app.post("/score")
+    async def http_score(self, body: ScoreBody) -> dict:
+        if body.mode not in ("logits", "generate"):
+            raise HTTPException(422, f"mode must be logits or generate, got {body.mode!r}")
+        if len(body.image_tokens) != self.model.n_image_tokens:
+            raise HTTPException(422, f"image_tokens must hold {self.model.n_image_tokens} ids, "
+                                     f"got {len(body.image_tokens)}")
+        a = await self.score(body.prompt, [body.image_tokens], body.mode)
+        p = a["p_aligned"][0]
+        return {"prompt": body.prompt, "p_aligned": None if np.isnan(p) else p,
+                "verdict": to_verdict(p, body.threshold), "answer": a["answers"][0],
+                "policy_version": a["policy_version"]}
+
+    @http_app.get("/version")
+    async def http_version(self) -> dict:
+        return {"policy_version": self.policy_version, "checkpoint": self.checkpoint or self.model_cfg["path"]}
+
+
+# ---- building, deploying, reloading -------------------------------------------------------------------
+def _plain(cfg) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def deployment_options(serve_cfg) -> dict:
+    """ServeConfig -> Serve deployment options (replicas or autoscaling_config, resources, concurrency)."""
+    s = _plain(serve_cfg)
+    opts = {"ray_actor_options": {"num_cpus": s["num_cpus"], "num_gpus": s["num_gpus"]},
+            "max_ongoing_requests": s["max_ongoing_requests"]}
+    if s.get("autoscaling_config"):
+        opts["autoscaling_config"] = {k: v for k, v in s["autoscaling_config"].items() if v is not None}
+    else:
+        opts["num_replicas"] = s["num_replicas"]
+    return opts
+
+
+def build_app(model, serve_cfg, checkpoint: str | None = None, policy_version: int = 0):
+    """The ModelServer application for `model` (a ModelConfig), configured by `serve_cfg` (a ServeConfig)."""
+    m, s = _plain(model), _plain(serve_cfg)
+    if m.get("device", "auto") == "auto" and s["num_gpus"] == 0:
+        m["device"] = "cpu"  # no GPU asked for: never grab one that happens to be visible
+    init = {"model": m, "max_batch_size": s["max_batch_size"], "batch_wait_timeout_s": s["batch_wait_timeout_s"]}
+    # Serve restarts replicas whenever the deployment's code version changes, and serve.run draws a random
+    # one per call; pinning it to what the replicas are built from makes a redeploy that changes only
+    # user_config (a new checkpoint) a call to reconfigure() on the live replicas. (Config-file deploys,
+    # `serve deploy conf/serve.yaml`, get the same behaviour from Serve itself.)
+    version = hashlib.blake2b(json.dumps(init, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return ModelServer.options(
+        **deployment_options(s), user_config={"checkpoint": checkpoint, "policy_version": int(policy_version)},
+        version=version, _internal=True,
+    ).bind(**init)
+
+
+def app_builder(args: dict):
+    """Entry point of `serve run conf/serve.yaml` (import_path gapray.serve.server:app_builder).
+
+    `args` holds `model` (a preset name, directory or hub id, or a mapping of ModelConfig keys) and
+    `serve` (ServeConfig keys); both are checked against the typed schemas like any gapray config.
+    """
+    model = args.get("model", "tiny")
+    overrides = [f"model={model}"] if isinstance(model, str) else _dotlist(model, "model")
+    cfg = load_config(ServeAppConfig, overrides=overrides + _dotlist(args.get("serve", {}), "serve"))
+    unknown = set(args) - {"model", "serve"}
+    if unknown:
+        from gapray.errors import UserError
+        raise UserError(f"serve app args: unknown keys {sorted(unknown)}; valid: model, serve")
+    return build_app(cfg.model, cfg.serve)
+
+
+def _dotlist(tree: dict, prefix: str) -> list[str]:
+    out = []
+    for k, v in (tree or {}).items():
+        key = f"{prefix}.{k}"
+        out += _dotlist(v, key) if isinstance(v, dict) else [f"{key}={'null' if v is None else v}"]
+    return out
+
+
+def start_serve(http_port: int = 8000) -> None:
+    """Start Serve (or attach to it) with its HTTP proxy on 127.0.0.1 only, on the head node only."""
+    serve.start(http_options={"host": "127.0.0.1", "port": int(http_port)}, proxy_location="HeadOnly")
+
+
+def deploy(model, serve_cfg, *, name: str | None = None, route_prefix: str | None | bool = True,
+           checkpoint: str | None = None, policy_version: int = 0):
+    """Deploy (or update) the ModelServer app and wait until it is running; returns its handle.
+
+    route_prefix=True takes serve_cfg.route_prefix; None serves handles only (no HTTP route).
+    """
+    s = _plain(serve_cfg)
+    start_serve(s["http_port"])
+    app = build_app(model, s, checkpoint=checkpoint, policy_version=policy_version)
+    prefix = s["route_prefix"] if route_prefix is True else route_prefix
+    return serve.run(app, name=name or s["app_name"], route_prefix=prefix)
+
+
+def reload(model, serve_cfg, *, checkpoint: str | None, policy_version: int, name: str | None = None,
+           route_prefix: str | None | bool = True):
+    """Serve a new policy on the live replicas (no restart); answers from then on carry policy_version.
+
+    `model` and `serve_cfg` must be those the app was deployed with: only the user_config changes.
+    checkpoint=None goes back to the weights `model` names.
+    """
+    return deploy(model, serve_cfg, name=name, route_prefix=route_prefix, checkpoint=checkpoint,
+                  policy_version=policy_version)
+
+
+def handle(app_name: str):
+    return serve.get_deployment_handle(DEPLOYMENT, app_name)
+
+
+def replica_actor_names(app_name: str) -> list[str]:
+    """Names of the live ModelServer replica actors of an app (namespace "serve"), e.g. to kill one."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#{DEPLOYMENT}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
+
+
+def http_url(route_prefix: str) -> str:
+    """Base URL of an app's HTTP routes on the running Serve proxy (always 127.0.0.1)."""
+    from ray.serve.context import _get_global_client  # the proxy's port is not exposed publicly
+
+    return f"http://127.0.0.1:{_get_global_client().http_config.port}{route_prefix}"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests and benchmarks: several Ray sessions may share a machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,161 @@
+"""ModelServer on Ray Serve: dynamic batching that never changes an image, in-place weight reload with a
+policy_version on every answer, HTTP routes, and nothing listening beyond 127.0.0.1. One app per module."""
+
+import base64
+import io
+import ipaddress
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from gapray.config import ModelConfig, ServeConfig
+from gapray.errors import UserError
+from gapray.measure import image_seed
+from gapray.models import JanusModel, SamplingParams
+from gapray.serve.server import (SampleRequest, app_builder, deploy, free_port, http_url, reload,
+                                 replica_actor_names, split_seeds)
+
+ROOT = Path(__file__).resolve().parent.parent
+APP, PREFIX = "gapray-serve-test", "/gapray-serve-test"
+PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle left of a circle"]
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_dir):
+    from ray import serve
+
+    cfg = ServeConfig(app_name=APP, route_prefix=PREFIX, http_port=free_port(), max_batch_size=16,
+                      batch_wait_timeout_s=0.1, num_cpus=1)
+    model = ModelConfig(path=tiny_dir, device="cpu")
+    handle = deploy(model, cfg)
+    yield handle, model, cfg
+    serve.delete(APP)
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:  # 127.0.0.1 only (http_url)
+        return json.loads(r.read())
+
+
+def seeds_of(i: int, n: int = 2) -> list[int]:
+    return [1000 * i + j for j in range(n)]
+
+
+def test_split_seeds_fits_requests_in_a_batch():
+    guided, plain = SamplingParams(guidance_scale=5.0), SamplingParams(guidance_scale=1.0)
+    assert split_seeds(list(range(10)), guided, 8) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert split_seeds(list(range(10)), plain, 8) == [list(range(8)), [8, 9]]
+    assert SampleRequest("p", (1, 2, 3), guided).rows == 6
+
+
+def test_concurrent_requests_form_batches_and_keep_every_image(app, tiny):
+    handle, _, cfg = app
+    before = handle.stats.remote().result()
+    prompts = [PROMPTS[i % 3] for i in range(6)]
+    responses = [handle.sample.remote(p, seeds_of(i)) for i, p in enumerate(prompts)]  # 4 model rows each
+    answers = [r.result() for r in responses]
+    stats = handle.stats.remote().result()
+    batches = stats["sample"][len(before["sample"]):]
+    assert sum(n for n, _ in batches) == 6
+    assert max(n for n, _ in batches) > 1, f"no batch held more than one request: {batches}"
+    assert all(rows <= cfg.max_batch_size for _, rows in batches)  # counted in model rows: 2 per guided image
+    # batching changes no image: each equals the image drawn alone from its prompt and seed
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        alone = tiny.sample([p], 2, SamplingParams(), seeds_of(i))
+        assert a["tokens"].tolist() == alone.tokens.tolist() and a["policy_version"] == 0
+        torch.testing.assert_close(torch.tensor(a["logprobs"]), alone.logprobs)
+
+    scored = [handle.score.remote(p, a["tokens"]) for p, a in zip(prompts, answers)]
+    scored = [r.result() for r in scored]
+    after = handle.stats.remote().result()["score"][len(before["score"]):]
+    assert sum(n for n, _ in after) == 6 and max(n for n, _ in after) > 1
+    for p, a, s in zip(prompts, answers, scored):
+        alone = tiny.score([p] * 2, tiny.decode(torch.tensor(a["tokens"], dtype=torch.long)))
+        np.testing.assert_allclose(s["p_aligned"], alone.p_aligned, rtol=1e-5, atol=1e-6)
+
+
+def test_http_routes_on_loopback_only(app):
+    handle, _, _ = app
+    url = http_url(PREFIX)
+    assert url.startswith("http://127.0.0.1:")
+    out = post(f"{url}/sample", {"prompt": PROMPTS[0], "n": 3, "seed": 5, "png": True})
+    seeds = [image_seed(5, PROMPTS[0], j) for j in range(3)]
+    assert out["seeds"] == seeds and out["policy_version"] == 0
+    direct = handle.sample.remote(PROMPTS[0], seeds).result()
+    assert out["image_tokens"] == direct["tokens"].tolist()
+    assert Image.open(io.BytesIO(base64.b64decode(out["png_base64"][0]))).size == (32, 32)
+    score = post(f"{url}/score", {"prompt": PROMPTS[0], "image_tokens": out["image_tokens"][1], "threshold": 0.3})
+    want = handle.score.remote(PROMPTS[0], [out["image_tokens"][1]]).result()["p_aligned"][0]
+    assert score["p_aligned"] == pytest.approx(want, rel=1e-5) and score["verdict"] == int(want >= 0.3)
+    with pytest.raises(urllib.error.HTTPError, match="422"):
+        post(f"{url}/score", {"prompt": PROMPTS[0], "image_tokens": [1, 2, 3]})
+    # every socket this test session's Ray processes listen on (HTTP proxy and replicas included) is loopback
+    mine = psutil.Process().children(recursive=True)
+    listening = [c for p in mine for c in _listening(p)]
+    assert listening and all(_loopback(c.laddr.ip) for c in listening), sorted({c.laddr.ip for c in listening})
+
+
+def _listening(proc):
+    try:
+        return [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+def _loopback(ip: str) -> bool:
+    a = ipaddress.ip_address(ip)
+    return a.is_loopback or (a.version == 6 and a.ipv4_mapped is not None and a.ipv4_mapped.is_loopback)
+
+
+def test_reload_swaps_weights_in_place_and_bumps_policy_version(app, tiny_dir, tmp_path):
+    handle, model, cfg = app
+    other = JanusModel.from_pretrained(tiny_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    other.save_pretrained(str(tmp_path / "step1"))
+
+    replicas, pid = replica_actor_names(APP), handle.stats.remote().result()["pid"]
+    base = handle.sample.remote(PROMPTS[1], seeds_of(7, 3)).result()
+    reload(model, cfg, checkpoint=str(tmp_path / "step1"), policy_version=1)
+    new = handle.sample.remote(PROMPTS[1], seeds_of(7, 3)).result()
+    assert new["policy_version"] == 1 and new["tokens"].tolist() != base["tokens"].tolist()
+    assert handle.score.remote(PROMPTS[1], new["tokens"]).result()["policy_version"] == 1
+    with urllib.request.urlopen(f"{http_url(PREFIX)}/version", timeout=60) as r:
+        assert json.loads(r.read()) == {"policy_version": 1, "checkpoint": str(tmp_path / "step1")}
+    # the same replica process, reconfigured: no restart
+    assert replica_actor_names(APP) == replicas and handle.stats.remote().result()["pid"] == pid
+
+    reload(model, cfg, checkpoint=None, policy_version=2)  # back to the base weights, exactly
+    again = handle.sample.remote(PROMPTS[1], seeds_of(7, 3)).result()
+    assert again["policy_version"] == 2 and again["tokens"].tolist() == base["tokens"].tolist()
+    assert handle.stats.remote().result()["pid"] == pid
+
+
+def test_app_builder_and_serve_yaml():
+    from ray.serve.schema import ServeDeploySchema
+
+    conf = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "conf/serve.yaml").read_text()))
+    assert conf.http_options.host == "127.0.0.1"
+    spec = conf.applications[0]
+    assert spec.import_path == "gapray.serve.server:app_builder"
+    assert spec.deployments[0].user_config == {"checkpoint": None, "policy_version": 0}
+    dep = app_builder(spec.args)._bound_deployment
+    assert dep.name == "ModelServer" and dep.num_replicas == 1 and dep.max_ongoing_requests >= 32
+    auto = app_builder({"model": "tiny", "serve": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
+                                                   "num_gpus": 0.5}})._bound_deployment
+    assert auto._deployment_config.autoscaling_config.max_replicas == 3
+    assert auto.ray_actor_options["num_gpus"] == 0.5
+    with pytest.raises(UserError, match="serve.max_batch_siz"):
+        app_builder({"model": "tiny", "serve": {"max_batch_siz": 8}})
+    with pytest.raises(UserError, match="max_batch_size"):
+        app_builder({"model": "tiny", "serve": {"max_batch_size": 1}})
