@@ -209,8 +209,10 @@ class PretrainConfig:
     self_generated_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
     self_generated_k: int = 2
     dev_prompts: int = 48  # train-split prompts for progress checks (the eval split is never touched)
-    vq_from: Optional[str] = None  # a saved world model whose VQ tokenizer to reuse (skips stage 1)
+    vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)
     save_dtype: str = "float16"  # the shipped checkpoint's storage dtype (loads as float32)
+    threads: Optional[int] = None  # torch threads (None: torch's default). 1 is several times faster when
+    # other processes load the cores: intra-op threads spin-wait on each other when descheduled.
     overwrite: bool = False
 
 
