@@ -210,6 +210,7 @@ class PretrainConfig:
     self_generated_k: int = 2
     dev_prompts: int = 48  # train-split prompts for progress checks (the eval split is never touched)
     vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)
+    init_from: Optional[str] = None  # start from this saved world model's weights, all of them (continue training)
     save_dtype: str = "float16"  # the shipped checkpoint's storage dtype (loads as float32)
     threads: Optional[int] = None  # torch threads (None: torch's default). 1 is several times faster when
     # other processes load the cores: intra-op threads spin-wait on each other when descheduled.
@@ -411,7 +412,11 @@ def load_model(cfg: ModelConfig | DictConfig):
         model, processor = build_tiny_janus()
         return JanusModel(model.to(cfg.device if cfg.device != "auto" else "cpu"), processor)
     if cfg.path in SHIPPED_MODELS:
-        return JanusModel.from_pretrained(str(SHIPPED_MODELS[cfg.path]), dtype=cfg.dtype, device=cfg.device)
+        shipped = SHIPPED_MODELS[cfg.path]
+        if not (shipped / "config.json").is_file():
+            raise UserError(f"model.path: the '{cfg.path}' model is not in this install ({shipped}); train it with "
+                            f"`python jobs/pretrain_world.py out_dir={shipped}`")
+        return JanusModel.from_pretrained(str(shipped), dtype=cfg.dtype, device=cfg.device)
     path = Path(cfg.path)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.path) is not None and not path.exists()
     if not path.exists() and not looks_like_hub_id:

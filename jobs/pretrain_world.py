@@ -21,14 +21,16 @@ def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from gapray.config import CONF_DIR, PretrainConfig, load_config
+    from gapray.models import JanusModel
     from gapray.errors import UserError
     from gapray.world.grammar import load_world_prompts
     from gapray.world.pretrain import build_world_model, train_lm, train_vq, vq_round_trip_accuracy
 
     try:
         cfg = load_config(PretrainConfig, CONF_DIR / "pretrain_world.yaml", argv)
-        if cfg.vq_from and not (Path(cfg.vq_from) / "config.json").is_file():
-            raise UserError(f"vq_from: '{cfg.vq_from}' is not a saved model directory (no config.json)")
+        for key in ("vq_from", "init_from"):
+            if cfg[key] and not (Path(cfg[key]) / "config.json").is_file():
+                raise UserError(f"{key}: '{cfg[key]}' is not a saved model directory (no config.json)")
         out = Path(cfg.out_dir)
         if out.exists() and any(out.iterdir()) and not cfg.overwrite:
             raise UserError(f"out_dir '{out}' is not empty; choose another out_dir or pass overwrite=true")
@@ -39,24 +41,32 @@ def main(argv: list[str]) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rows = load_world_prompts("train")
     dev = [rows[i] for i in np.random.default_rng(cfg.seed).choice(len(rows), cfg.dev_prompts, replace=False)]
     model = build_world_model(cfg.seed)
     t0 = time.perf_counter()
-    if cfg.vq_from:  # stage 1 done before: reuse that tokenizer, train the language model only
-        from gapray.models import JanusModel
+    if cfg.init_from:  # continue an earlier run: every weight, tokenizer included
+        model.model.load_state_dict(JanusModel.from_pretrained(cfg.init_from).model.state_dict())
+        log(f"all weights loaded from {cfg.init_from}")
+    if cfg.vq_from:  # stage 1 done before: start from that tokenizer (and train it further if vq_steps > 0)
         trained = JanusModel.from_pretrained(cfg.vq_from).model.model.vqmodel
         model.model.model.vqmodel.load_state_dict(trained.state_dict())
         log(f"VQ tokenizer loaded from {cfg.vq_from}")
-    else:
+    if cfg.vq_steps > 0:
         train_vq(model, rows, cfg.vq_steps, batch=cfg.vq_batch, lr=cfg.vq_lr, seed=cfg.seed, log=log)
+        stage1 = out.with_name(out.name + "-vq")  # stage 1's model, reusable with vq_from=
+        model.save_pretrained(str(stage1))
+        log(f"stage 1 saved to {stage1}")
     vq_seconds = time.perf_counter() - t0
     ceiling = vq_round_trip_accuracy(model, rows)
     log(f"VQ done in {vq_seconds:.0f}s; oracle accepts {ceiling:.1%} of round-tripped renders")
-    train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
-             self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
-             dev_rows=dev, seed=cfg.seed, log=log)
+    if cfg.lm_steps > 0:
+        train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
+                 self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
+                 dev_rows=dev, seed=cfg.seed, log=log)
     seconds = time.perf_counter() - t0
 
     out.mkdir(parents=True, exist_ok=True)
