@@ -6,7 +6,6 @@ User errors (bad config, bad prompt file, missing model) print one line and exit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from gapray.errors import UserError

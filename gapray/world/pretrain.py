@@ -23,7 +23,6 @@ Assumes the whole (small) training set fits in memory.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from gapray.models.builders import build_janus
 from gapray.verdict import ANSWER_PREFIX
 from gapray.world.grammar import load_world_prompts
 from gapray.world.oracle import judge
-from gapray.world.render import COLORS, SHAPES, render
+from gapray.world.render import render
 
 IMAGE_SIZE = 32
 # 32 px images in 4 px patches: an 8 x 8 grid, 64 image tokens per image. (64 px quadruples the VQ's
