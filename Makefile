@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/gapray measure
+	$(BIN)/python jobs/self_improve.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -27,6 +27,8 @@ SHIPPED_MODELS = {"shapes": Path(__file__).resolve().parent / "assets" / "shapes
 DTYPES = ("float32", "bfloat16", "float16")
 SCORE_MODES = ("logits", "generate")
 BACKENDS = ("local", "ray")  # ray: Serve replicas sample and score, Ray Data streams the verdicts
+# `key=NAME` loads conf/<key>/NAME.yaml: a model preset, or a whole experiment (self-improvement presets)
+PRESET_GROUPS = ("experiment", "model")
 
 
 @dataclass
@@ -171,10 +173,9 @@ class TrainCheckpointConfig:
 
 
 @dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)  # the starting policy (and default reference)
-    data: str = ""  # preference dir holding sft.parquet and/or dpo.parquet (gapray.data.schemas)
-    objective: str = "dpo"  # sft: NLL on sft.parquet; dpo: pairs from dpo.parquet
+class TrainRecipe:
+    """How to train: everything but the starting model, the data and where the run goes. The curriculum
+    driver fills those in per phase; TrainConfig (jobs/train.py) adds them as keys."""
     trainable: list[str] = field(default_factory=lambda: ["language_model"])  # the paper: LLM only
     epochs: int = 1
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs, benchmarks)
@@ -190,8 +191,54 @@ class TrainConfig:
     max_failures: int = 3  # Ray FailureConfig: worker-group restarts from the latest checkpoint
     log_every_n_steps: int = 1
     backend: str = "ray"  # ray: TorchTrainer + DeepSpeed; local: one process, plain PyTorch
+
+
+@dataclass
+class TrainConfig(TrainRecipe):
+    model: ModelConfig = field(default_factory=ModelConfig)  # the starting policy (and default reference)
+    data: str = ""  # preference dir holding sft.parquet and/or dpo.parquet (gapray.data.schemas)
+    objective: str = "dpo"  # sft: NLL on sft.parquet; dpo: pairs from dpo.parquet
+    reference_model: Optional[str] = None  # dpo, loss.reference=model: this save_pretrained dir (null: the starting model)
     run_dir: str = "runs/train"  # re-running the same run_dir resumes from its latest checkpoint
     overwrite: bool = False  # delete an earlier run in run_dir and start over
+
+
+# ---- self-improvement (gapray/curriculum.py, jobs/self_improve.py, conf/self_improve.yaml) -----------------
+MODES = ("sft", "dpo", "c-sft", "c-dpo")  # PAPER.md: Algorithm 1 (sft, dpo), + Algorithm 2's replay (c-)
+GATE_JUDGES = ("oracle", "none")
+
+
+@dataclass
+class GateConfig:
+    """The data-quality gate (PAPER.md, co-degradation): an external judge audits accepted images every round."""
+    judge: str = "oracle"  # oracle: the shapes world's pixel oracle (prompts without world metadata: not audited)
+    audit_size: int = 64  # accepted images audited per round (random, seeded)
+    min_precision: float = 0.5  # stop the run when fewer of the audited accepted images are right
+
+
+@dataclass
+class SelfImproveConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base policy
+    prompts: str = "gapray/world/data/train.jsonl"  # sampled, self-judged, trained on, replayed
+    eval_prompts: str = "gapray/world/data/eval.jsonl"  # held out: measured before and after, never trained on
+    max_prompts: Optional[int] = None
+    max_eval_prompts: Optional[int] = None
+    mode: str = "c-sft"  # sft | dpo | c-sft | c-dpo
+    rounds: int = 1  # rounds >= 2 start each round from the last round's policy (beyond the paper)
+    images_per_prompt: int = 4  # N candidates per training prompt (the paper: 10)
+    eval_images_per_prompt: int = 8
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    batch_prompts: int = 8
+    replay_epoch: Optional[int] = None  # c-modes: replay the discard pool after this epoch (null: half of train.epochs)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    gate: GateConfig = field(default_factory=GateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)  # backend=ray
+    data: DataConfig = field(default_factory=DataConfig)  # backend=ray
+    backend: str = "ray"  # ray: driver actor + Serve + Data (+ train.backend); local: one process
+    run_dir: str = "runs/self_improve"  # submitting again with the same run_dir resumes
+    grid_prompts: int = 4
 
 
 @dataclass
@@ -229,12 +276,15 @@ def load_config(schema: type, yaml_path: str | Path | None = None, overrides: li
         for item in overrides:
             if "=" not in item:
                 raise UserError(f"override '{item}' must look like key=value (e.g. images_per_prompt=8)")
+        # presets first (an experiment, then a model), so that key=value overrides refine them
+        for group in PRESET_GROUPS:
+            for o in overrides:
+                key, _, name = o.partition("=")
+                if key == group and _is_preset(o):
+                    preset = _expand_presets(OmegaConf.load(_preset_path(key, name)), schema)
+                    cfg = OmegaConf.merge(cfg, preset if group == "experiment" else {key: preset})
         dot = OmegaConf.from_dotlist([_preset_override(o) for o in overrides if not _is_preset(o)])
         cfg = OmegaConf.merge(cfg, _expand_presets(dot, schema))
-        for o in overrides:
-            if _is_preset(o):
-                key, name = o.split("=", 1)
-                cfg = OmegaConf.merge(cfg, {key: OmegaConf.load(_preset_path(key, name))})
     except (ConfigKeyError, ValidationError) as e:
         raise UserError(_explain(e, schema)) from None
     except OmegaConfBaseException as e:
@@ -248,9 +298,9 @@ def _preset_path(group: str, name: str) -> Path:
 
 
 def _is_preset(override: str) -> bool:
-    """`model=janus-pro-1b` where conf/model/janus-pro-1b.yaml exists."""
+    """`model=janus-pro-1b` where conf/model/janus-pro-1b.yaml exists, or `experiment=NAME` (conf/experiment/)."""
     key, _, value = override.partition("=")
-    return key == "model" and value != "" and _preset_path("model", value).is_file()
+    return key in PRESET_GROUPS and value != "" and _preset_path(key, value).is_file()
 
 
 def _preset_override(override: str) -> str:
@@ -318,6 +368,8 @@ def check_values(cfg: DictConfig) -> None:
                  "model.device", f"'{cfg.model.device}' is not auto, cpu, cuda or cuda:N")
     if OmegaConf.get_type(cfg) is TrainConfig:  # its `data` is a path and its backends differ: own checks
         return check_train(cfg)
+    if OmegaConf.get_type(cfg) is SelfImproveConfig:
+        check_self_improve(cfg)
     if "sampling" in cfg:
         s = cfg.sampling
         _require(s.guidance_scale > 1, "sampling.guidance_scale",
@@ -366,57 +418,81 @@ def check_serve(s: DictConfig) -> None:
         _require(a.target_ongoing_requests > 0, "serve.autoscaling_config.target_ongoing_requests", "must be > 0")
 
 
+def check_self_improve(cfg: DictConfig) -> None:
+    _choice("mode", cfg.mode, MODES)
+    _require(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _require(cfg.eval_images_per_prompt >= 1, "eval_images_per_prompt", f"must be >= 1, got {cfg.eval_images_per_prompt}")
+    _require(cfg.max_eval_prompts is None or cfg.max_eval_prompts >= 1, "max_eval_prompts", "must be >= 1 or null")
+    for key in ("prompts", "eval_prompts"):
+        _require(Path(cfg[key]).is_file(), key, f"file '{cfg[key]}' not found (a GenEval .jsonl or a .txt prompt list)")
+    if cfg.mode.startswith("c-"):
+        e, r = cfg.train.epochs, cfg.replay_epoch
+        _require(e >= 2, "train.epochs", f"{cfg.mode} replays the discard pool between epochs: needs >= 2, got {e}")
+        _require(r is None or 1 <= r < e, "replay_epoch", f"must be in 1..{e - 1} (train.epochs - 1) or null, got {r}")
+    _choice("gate.judge", cfg.gate.judge, GATE_JUDGES)
+    _require(cfg.gate.audit_size >= 1, "gate.audit_size", f"must be >= 1, got {cfg.gate.audit_size}")
+    _require(0 <= cfg.gate.min_precision <= 1, "gate.min_precision", f"must be in [0, 1], got {cfg.gate.min_precision}")
+    check_recipe(cfg.train, prefix="train.")
+
+
 def check_train(cfg: DictConfig) -> None:
     _require(cfg.data != "", "data", "the preference directory is required: data=<dir with sft.parquet/dpo.parquet>")
     _choice("objective", cfg.objective, TRAIN_OBJECTIVES)
-    _require(len(cfg.trainable) > 0, "trainable", f"name at least one of {', '.join(TRAINABLE_GROUPS)}")
+    check_recipe(cfg)
+
+
+def check_recipe(cfg: DictConfig, prefix: str = "") -> None:
+    """TrainRecipe's checks; `prefix` is where the recipe sits in the config (for the error line)."""
+    def require(ok: bool, key: str, what: str) -> None:
+        _require(ok, prefix + key, what)
+
+    def choice(key: str, value, choices) -> None:
+        _choice(prefix + key, value, choices)
+
+    require(len(cfg.trainable) > 0, "trainable", f"name at least one of {', '.join(TRAINABLE_GROUPS)}")
     for group in cfg.trainable:
-        _choice("trainable", group, TRAINABLE_GROUPS)
+        choice("trainable", group, TRAINABLE_GROUPS)
     for key in ("epochs", "micro_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
-        _require(cfg[key] >= 1, key, f"must be >= 1, got {cfg[key]}")
-    _require(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", f"must be >= 1 or null, got {cfg.max_steps}")
-    _require(cfg.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {cfg.shuffle_buffer}")
-    _require(cfg.max_failures >= -1, "max_failures", f"must be >= 0 (-1: unlimited), got {cfg.max_failures}")
-    _choice("backend", cfg.backend, TRAIN_BACKENDS)
+        require(cfg[key] >= 1, key, f"must be >= 1, got {cfg[key]}")
+    require(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", f"must be >= 1 or null, got {cfg.max_steps}")
+    require(cfg.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {cfg.shuffle_buffer}")
+    require(cfg.max_failures >= -1, "max_failures", f"must be >= 0 (-1: unlimited), got {cfg.max_failures}")
+    choice("backend", cfg.backend, TRAIN_BACKENDS)
     loss = cfg.loss
-    _require(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
-    _choice("loss.loss_type", loss.loss_type, DPO_LOSS_TYPES)
-    _require(0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {loss.label_smoothing}")
-    _require(loss.rpo_alpha is None or loss.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0 or null, got {loss.rpo_alpha}")
-    _choice("loss.reference", loss.reference, REFERENCES)
+    require(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
+    choice("loss.loss_type", loss.loss_type, DPO_LOSS_TYPES)
+    require(0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {loss.label_smoothing}")
+    require(loss.rpo_alpha is None or loss.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0 or null, got {loss.rpo_alpha}")
+    choice("loss.reference", loss.reference, REFERENCES)
     o = cfg.optim
-    _require(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-    _choice("optim.lr_scheduler_type", o.lr_scheduler_type, LR_SCHEDULES)
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0: no clipping), got {o.max_grad_norm}")
-    _require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1", "adam betas must be in [0, 1)")
+    require(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    choice("optim.lr_scheduler_type", o.lr_scheduler_type, LR_SCHEDULES)
+    require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    require(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0: no clipping), got {o.max_grad_norm}")
+    require(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1", "adam betas must be in [0, 1)")
     ds = cfg.deepspeed
-    _choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
-    _require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage >= 1")
-    _require(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3")
-    _require(cfg.scaling.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {cfg.scaling.num_workers}")
-    _require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+    choice("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage >= 1")
+    require(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3")
+    require(cfg.scaling.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {cfg.scaling.num_workers}")
+    require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     c = cfg.checkpoint
-    _require(c.every_n_steps is None or c.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1 or null")
-    _require(c.num_to_keep is None or c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be >= 1 or null")
+    require(c.every_n_steps is None or c.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1 or null")
+    require(c.num_to_keep is None or c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be >= 1 or null")
     for e in c.export_epochs:
-        _require(1 <= e <= cfg.epochs, "checkpoint.export_epochs", f"epoch {e} is not in 1..{cfg.epochs}")
+        require(1 <= e <= cfg.epochs, "checkpoint.export_epochs", f"epoch {e} is not in 1..{cfg.epochs}")
 
 
-def load_model(cfg: ModelConfig | DictConfig):
-    """Build or load the configured model; a missing directory or unreachable hub id is a UserError."""
-    from gapray.models import JanusModel
-
+def check_model(cfg: ModelConfig | DictConfig) -> None:
+    """The cheap checks of load_model (no weights read): a job refuses a bad model.path before it starts."""
     if cfg.path in BUILTIN_MODELS:
-        from gapray.models.builders import build_tiny_janus
-        model, processor = build_tiny_janus()
-        return JanusModel(model.to(cfg.device if cfg.device != "auto" else "cpu"), processor)
+        return
     if cfg.path in SHIPPED_MODELS:
         shipped = SHIPPED_MODELS[cfg.path]
         if not (shipped / "config.json").is_file():
             raise UserError(f"model.path: the '{cfg.path}' model is not in this install ({shipped}); train it with "
                             f"`python jobs/pretrain_world.py out_dir={shipped}`")
-        return JanusModel.from_pretrained(str(shipped), dtype=cfg.dtype, device=cfg.device)
+        return
     path = Path(cfg.path)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.path) is not None and not path.exists()
     if not path.exists() and not looks_like_hub_id:
@@ -424,6 +500,20 @@ def load_model(cfg: ModelConfig | DictConfig):
                         f"presets: {', '.join(sorted(p.stem for p in (CONF_DIR / 'model').glob('*.yaml')))}")
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(f"model.path: '{cfg.path}' has no config.json; point it at a save_pretrained directory")
+
+
+def load_model(cfg: ModelConfig | DictConfig):
+    """Build or load the configured model; a missing directory or unreachable hub id is a UserError."""
+    from gapray.models import JanusModel
+
+    check_model(cfg)
+    if cfg.path in BUILTIN_MODELS:
+        from gapray.models.builders import build_tiny_janus
+        model, processor = build_tiny_janus()
+        return JanusModel(model.to(cfg.device if cfg.device != "auto" else "cpu"), processor)
+    if cfg.path in SHIPPED_MODELS:
+        return JanusModel.from_pretrained(str(SHIPPED_MODELS[cfg.path]), dtype=cfg.dtype, device=cfg.device)
+    looks_like_hub_id = not Path(cfg.path).exists()
     try:  # the local cache first: no network round-trips when the model is already here
         return JanusModel.from_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, local_files_only=True)
     except OSError as e:

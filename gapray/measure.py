@@ -46,12 +46,19 @@ def image_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
 def sample_and_score(model: UnifiedModel, prompts: list[Prompt], k: int, sampling: SamplingParams,
                      seed: int, score_mode: str = "logits", threshold: float = 0.5) -> list[dict]:
     """K images per prompt, each judged by the same model: one verdict row per image."""
-    seeds = [image_seed(seed, p.prompt_id, j) for p in prompts for j in range(k)]
-    out = model.sample([p.prompt for p in prompts], k, sampling, seeds)
+    return sample_and_score_images(model, [(p, list(range(k))) for p in prompts], sampling, seed, score_mode, threshold)
+
+
+def sample_and_score_images(model: UnifiedModel, todo: list[tuple[Prompt, list[int]]], sampling: SamplingParams,
+                            seed: int, score_mode: str = "logits", threshold: float = 0.5) -> list[dict]:
+    """The images (prompt, sample indices) names, each drawn with its own seed and judged by the same model."""
+    flat = [p for p, idx in todo for _ in idx]
+    sample_idx = [j for _, idx in todo for j in idx]
+    seeds = [image_seed(seed, p.prompt_id, j) for p, j in zip(flat, sample_idx)]
+    out = model.sample([p.prompt for p in flat], 1, sampling, seeds)  # per-row seeds: batching changes nothing
     images = model.decode(out.tokens)
-    flat = [p for p in prompts for _ in range(k)]
     judged = model.score([p.prompt for p in flat], images, mode=score_mode)
-    return verdict_rows(flat, [j for _ in prompts for j in range(k)], out, images, judged, threshold)
+    return verdict_rows(flat, sample_idx, out, images, judged, threshold)
 
 
 def verdict_rows(flat: list[Prompt], sample_idx: list[int], out: SampleOutput, images, judged: ScoreOutput,
@@ -136,6 +143,6 @@ def run_measure(cfg: DictConfig) -> dict:
     write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
 
     from gapray.report import write_verdict_grids
-    write_verdict_grids(model, rows, run_dir / "grids", cfg.grid_prompts)
+    write_verdict_grids(model.decode, rows, run_dir / "grids", cfg.grid_prompts)
     return summary
 

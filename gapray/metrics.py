@@ -4,6 +4,8 @@
 - weak-generation rate: P(external judge rejects | model rejects);
 - generation accuracy: share of generations the external judge accepts (GenEval's "Gen.");
 - understanding accuracy: share of the model's verdicts on its own images that agree with the judge;
+- understanding win rate: on the base model's images, where the base and the improved model disagree,
+  the share where the improved model agrees with the judge (the base model scores 50 by definition);
 Every rate comes with its count and a 95% Wilson interval: denominators can be small.
 """
 
@@ -56,3 +58,19 @@ def oracle_figures(rows: list[dict]) -> dict:
         "weak_generation_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_rejected), len(self_rejected)),
         "false_acceptance_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_accepted), len(self_accepted)),
     }
+
+
+def win_rate(rows: list[dict]) -> dict:
+    """Understanding win rate (PAPER.md, co-improvement). Rows: one per base-model image with `base_verdict`
+    (the base model's), `verdict` (the improved model's, on the same image) and `oracle_verdict`.
+
+    Among images both judged (parsed, judge known) and on which the two models disagree, the share where
+    the improved verdict is the judge's. `fixed_false_accepts` counts wins that reject an image the base
+    wrongly accepted; `fixed_false_rejects` wins that accept an image the base wrongly rejected."""
+    known = [r for r in rows if None not in (r["base_verdict"], r["verdict"], r.get("oracle_verdict"))]
+    differ = [r for r in known if r["base_verdict"] != r["verdict"]]
+    wins = [r for r in differ if r["verdict"] == r["oracle_verdict"]]
+    out = rate(len(wins), len(differ))
+    out["fixed_false_accepts"] = sum(r["verdict"] == 0 for r in wins)
+    out["fixed_false_rejects"] = sum(r["verdict"] == 1 for r in wins)
+    return out

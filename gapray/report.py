@@ -42,8 +42,9 @@ def image_grid(images: np.ndarray, labels: list[str], colors: list[tuple], ncol:
     return grid
 
 
-def write_verdict_grids(model, rows: list[dict], out_dir: Path, prompts_per_task: int) -> list[Path]:
-    """One PNG per task: the first `prompts_per_task` prompts, one row of images per prompt."""
+def write_verdict_grids(decode, rows: list[dict], out_dir: Path, prompts_per_task: int, prefix: str = "") -> list[Path]:
+    """One PNG per task (`<prefix><task>.png`): the first `prompts_per_task` prompts, one row of images per
+    prompt. `decode(tokens)` gives the pixels (a model's decode, or a Serve replica's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     by_task: dict[str, dict[str, list[dict]]] = defaultdict(dict)
     for r in rows:
@@ -53,7 +54,7 @@ def write_verdict_grids(model, rows: list[dict], out_dir: Path, prompts_per_task
     paths = []
     for task, prompts in sorted(by_task.items()):
         shown = [r for group in prompts.values() for r in group]
-        images = model.decode(torch.tensor([r["image_tokens"] for r in shown]))
+        images = decode(torch.tensor([r["image_tokens"] for r in shown]))
         labels = [f"self {'?' if r['verdict'] is None else r['verdict']} p={r['p_aligned']:.2f}" for r in shown]
         # with an external judge (the shapes oracle): its verdict in the caption and as a corner mark
         judged = any(r.get("oracle_verdict") is not None for r in shown)
@@ -62,8 +63,135 @@ def write_verdict_grids(model, rows: list[dict], out_dir: Path, prompts_per_task
                       for lab, r in zip(labels, shown)]
         ncol = max(len(g) for g in prompts.values())
         title = f"{task}: " + " | ".join(g[0]["prompt"] for g in prompts.values())
-        path = out_dir / f"{task}.png"
+        path = out_dir / f"{prefix}{task}.png"
         marks = [verdict_color(r.get("oracle_verdict")) for r in shown] if judged else None
         image_grid(images, labels, [verdict_color(r["verdict"]) for r in shown], ncol, title[:160], marks).save(path)
         paths.append(path)
     return paths
+
+
+# ---- the self-improvement run report (gapray/curriculum.py) ---------------------------------------------------
+def _value(figure: dict | None) -> float | None:
+    return None if figure is None else figure.get("value")
+
+
+def _pick(block: dict | None, task: str) -> dict | None:
+    """A by_task block's entry for one task or "overall" (None when the block or the task is absent)."""
+    if block is None:
+        return None
+    return block["overall"] if task == "overall" else block["per_task"].get(task)
+
+
+def results_rows(base: dict, final: dict) -> list[dict]:
+    """Per task and overall: Gen. (oracle generation accuracy), Non. (non-unification), before and after, and
+    the final model's understanding win rate over the base model (with its count)."""
+    out = []
+    for t in sorted(base["per_task"]) + ["overall"]:
+        gen = [(_pick(s.get("oracle"), t) or {}).get("generation_accuracy") for s in (base, final)]
+        win = _pick(final.get("win_rate"), t)
+        out.append({"task": t, "gen_base": _value(gen[0]), "gen_final": _value(gen[1]),
+                    "non_base": _pick(base, t)["value"], "non_final": _pick(final, t)["value"],
+                    "win_rate": _value(win), "win_n": None if win is None else win["n"]})
+    return out
+
+
+def results_table(rows: list[dict]) -> str:
+    """The base-vs-improved table as Markdown (also what the job prints)."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+    lines = ["| task | Gen. base | Gen. final | Und. win rate (n) | Non. base | Non. final |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        win = "-" if r["win_n"] is None else f"{pct(r['win_rate'])} ({r['win_n']})"
+        lines.append(f"| {r['task']} | {pct(r['gen_base'])} | {pct(r['gen_final'])} | {win} | "
+                     f"{pct(r['non_base'])} | {pct(r['non_final'])} |")
+    return "\n".join(lines)
+
+
+def plot_history(evals: dict, train_logs: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    """plots/measures.png (Gen. and Non. at every measure) and plots/train_loss.png (every training phase)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xs = sorted(int(i) for i in evals)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(xs, [100 * evals[str(i)]["non_unification"] for i in xs], "o-", label="Non. (self-rejected %)")
+    gen = [_value(evals[str(i)].get("oracle", {}).get("overall", {}).get("generation_accuracy")) for i in xs]
+    if all(g is not None for g in gen):
+        ax.plot(xs, [100 * g for g in gen], "s-", label="Gen. (oracle-accepted %)")
+    ax.set_xlabel("measure (0 = base, i = after round i)")
+    ax.set_xticks(xs)
+    ax.set_ylabel("%")
+    ax.legend()
+    fig.tight_layout()
+    paths = [out_dir / "measures.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    if train_logs:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        offset = 0
+        for name, log in train_logs.items():
+            steps = [offset + m["step"] for m in log]
+            ax.plot(steps, [m["loss"] for m in log], label=name)
+            offset = steps[-1] if steps else offset
+        ax.set_xlabel("optimizer step (phases in order)")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / "train_loss.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, list[dict]]) -> dict:
+    """summary.json, report.md, plots/*.png and grids/{base,final}_<task>.png of a finished run."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from gapray.train.loop import read_metrics
+
+    first, last = "0", str(cfg.rounds)
+    base, final = state.evals[first], state.evals[last]
+    rows = results_rows(base, final)
+    summary = {"mode": cfg.mode, "rounds": cfg.rounds, "model": cfg.model.path, "seed": cfg.seed,
+               "prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "table": rows, "base": base, "final": final,
+               "evals": state.evals, "rounds_data": state.rounds, "policy_version": state.policy_version,
+               "seconds": state.seconds}
+    train_logs = {}
+    for r in range(cfg.rounds):
+        for part in ("a", "b"):
+            d = run_dir / "checkpoints" / f"round={r}" / part
+            if (d / "metrics.jsonl").is_file():
+                train_logs[f"round {r} {part}"] = [m for m in read_metrics(str(d)) if "loss" in m]
+    plots = plot_history(state.evals, train_logs, run_dir / "plots")
+    grids = write_verdict_grids(decode, eval_rows[first], run_dir / "grids", cfg.grid_prompts, prefix="base_")
+    grids += write_verdict_grids(decode, eval_rows[last], run_dir / "grids", cfg.grid_prompts, prefix="final_")
+
+    lines = [f"# gapray self-improvement run: {run_dir.name}", "",
+             f"mode **{cfg.mode}**, {cfg.rounds} round(s), model `{cfg.model.path}`, seed {cfg.seed}; "
+             f"{cfg.images_per_prompt} candidates per training prompt ({cfg.prompts}), "
+             f"{cfg.eval_images_per_prompt} images per held-out prompt ({cfg.eval_prompts}).", "",
+             "## Base vs improved (held-out prompts, %)", "", results_table(rows), "",
+             "Gen.: share of generations the external judge (shapes oracle) accepts. Non.: share the model itself "
+             "rejects. Und. win rate: on the base model's images, where base and final verdicts differ, the share "
+             "where the final verdict agrees with the judge (n = images that differ).", "",
+             "## Rounds", "", "| round | SFT rows | DPO pairs | discarded | gate precision | replay admitted |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r, info in sorted(state.rounds.items(), key=lambda kv: int(kv[0])):
+        g = info.get("gate", {})
+        prec = "-" if g.get("precision") is None else f"{g['precision']:.2f} ({g['right']}/{g['audited']})"
+        rep = info.get("replay")
+        admitted = "-" if rep is None else f"{rep['admitted']} of {rep['pool']}"
+        lines.append(f"| {r} | {info['sample']['sft']} | {info['sample']['dpo']} | {info['sample']['discard']} | "
+                     f"{prec} | {admitted} |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "## Image grids (frame: own verdict; corner: oracle)", ""] + [f"![{p.stem}](grids/{p.name})" for p in grids]
+    lines += ["", "## Time per phase (s)", "", ", ".join(f"{k} {v}" for k, v in state.seconds.items()), ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return summary

@@ -7,6 +7,7 @@ save_pretrained directory (model + processor) to `out_dir`; copy it to gapray/as
 ship it. Only train-split prompts are used. Runs locally (no Ray): ~2.3M parameters, CPU.
 """
 
+import copy
 import json
 import sys
 import time
@@ -63,20 +64,29 @@ def main(argv: list[str]) -> int:
     vq_seconds = time.perf_counter() - t0
     ceiling = vq_round_trip_accuracy(model, rows)
     log(f"VQ done in {vq_seconds:.0f}s; oracle accepts {ceiling:.1%} of round-tripped renders")
+
+    saved_at = []
+
+    def save(lm_steps_done: int | None = None) -> None:
+        """The model as a save_pretrained dir (+ pretrain.json); during stage 2 also after each progress check,
+        so that an interrupted run leaves its latest model behind."""
+        seconds = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        stored = copy.deepcopy(model.model).to(getattr(torch, cfg.save_dtype))  # training goes on in float32
+        JanusModel(stored, model.processor).save_pretrained(str(out))
+        (out / "pretrain.json").write_text(json.dumps({
+            "config": OmegaConf.to_container(cfg), "lm_steps_done": lm_steps_done or cfg.lm_steps,
+            "seconds": round(seconds, 1), "vq_seconds": round(vq_seconds, 1),
+            "vq_round_trip_oracle_accuracy": ceiling, "torch": torch.__version__}, indent=2))
+        log(f"saved {out} after {lm_steps_done or cfg.lm_steps} LM steps ({seconds / 60:.1f} min)")
+        saved_at.append(lm_steps_done or cfg.lm_steps)
+
     if cfg.lm_steps > 0:
         train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
                  self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
-                 dev_rows=dev, seed=cfg.seed, log=log)
-    seconds = time.perf_counter() - t0
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.model.to(getattr(torch, cfg.save_dtype))
-    model.save_pretrained(str(out))
-    model.model.to(torch.float32)
-    (out / "pretrain.json").write_text(json.dumps({
-        "config": OmegaConf.to_container(cfg), "seconds": round(seconds, 1), "vq_seconds": round(vq_seconds, 1),
-        "vq_round_trip_oracle_accuracy": ceiling, "torch": torch.__version__}, indent=2))
-    log(f"saved {out} ({seconds / 60:.1f} min)")
+                 dev_rows=dev, seed=cfg.seed, log=log, on_dev_check=save)
+    if saved_at[-1:] != [cfg.lm_steps]:  # the last progress check, at the last step, saved it already
+        save()
     return 0
 
 

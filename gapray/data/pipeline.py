@@ -164,11 +164,12 @@ class ScoreStage:
 
 
 def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, round: int = 0,
-                    ledger_root: str | None = None) -> ray.data.Dataset:
+                    ledger_root: str | None = None, seed: int | None = None) -> ray.data.Dataset:
     """The lazy Ray Data plan from prompts to verdict rows (LEDGER_SCHEMA) through the Serve app `app_name`.
 
-    `cfg` holds what `gapray measure` configures: seed, sampling, scoring, batch_prompts, serve, data.
-    With `ledger_root` the rows go into the ledger as they are made and the dataset yields only COUNTED.
+    `cfg` holds what `gapray measure` configures: seed, sampling, scoring, batch_prompts, serve, data
+    (`seed` overrides cfg.seed). With `ledger_root` the rows go into the ledger as they are made and the
+    dataset yields only COUNTED.
     """
     table = prompt_rows(todo)
     # one block per batch of prompts: blocks are what Ray Data hands to different actors
@@ -177,9 +178,12 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
     common = dict(max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries)
     pool = dict(compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency), num_cpus=cfg.data.num_cpus,
                 batch_format="pyarrow", zero_copy_batch=True)
-    return (ray.data.from_arrow(blocks)
+    ds = ray.data.from_arrow(blocks)
+    ds.context.enable_progress_bars = False  # the callers show one bar in images; Ray Data's own flood job logs
+    return (ds
             .map_batches(SampleStage, batch_size=cfg.batch_prompts, **pool,
-                         fn_constructor_kwargs=dict(app_name=app_name, sampling=sampling, seed=cfg.seed, **common))
+                         fn_constructor_kwargs=dict(app_name=app_name, sampling=sampling,
+                                                    seed=cfg.seed if seed is None else seed, **common))
             .map_batches(ScoreStage, batch_size=None, **pool,
                          fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode,
                                                     threshold=cfg.scoring.threshold, round=round,
@@ -207,6 +211,53 @@ class _Meters:
             self.acceptance.set(self.accepted / self.n)
 
 
+def fill_ledger(cfg, prompts: list[Prompt], ledger: VerdictLedger, round: int, *, k: int, seed: int,
+                app_name: str, desc: str = "") -> int:
+    """Draw and judge the images the ledger's round still lacks (k per prompt, image_seed(seed, ...)) through
+    the Serve app; returns the rows added. Afterwards the round holds exactly len(prompts) x k rows."""
+    todo = ledger.missing(round, prompts, k)
+    meters = _Meters()
+    if todo:
+        ds = verdict_dataset(todo, cfg, app_name, round, ledger_root=str(ledger.root), seed=seed)
+        with tqdm(total=sum(len(idx) for _, idx in todo), unit="img", desc=desc or f"round {round}",
+                  dynamic_ncols=True, mininterval=5) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                meters.update(batch.column("verdict").to_pylist())
+                bar.update(batch.num_rows)
+    expected, stored = len(prompts) * k, ledger.count(round)
+    if stored != expected:
+        raise RuntimeError(f"{ledger.root} round {round}: the ledger holds {stored} rows, expected {expected}")
+    return meters.n
+
+
+def rescore(cfg, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, round: int, *, app_name: str,
+            policy_version: int) -> int:
+    """Judge images drawn earlier (ledger rows of another round or ledger, for `prompts`) with the serving
+    policy; the new verdicts go to `ledger` round `round`, keyed as the originals. Returns the rows added."""
+    have = ledger.keys(round)
+    keep = [(pid, j) not in have for pid, j in zip(rows.column("prompt_id").to_pylist(), rows.column("sample_idx").to_pylist())]
+    rows = rows.filter(pa.array(keep, pa.bool_()))
+    if rows.num_rows == 0:
+        return 0
+    meta = {p.prompt_id: json.dumps(p.meta) if p.meta is not None else None for p in prompts}
+    sampled = pa.Table.from_pydict({
+        **{name: rows.column(name) for name in ("prompt_id", "task", "prompt", "sample_idx", "seed", "image_tokens")},
+        "meta": pa.array([meta[pid] for pid in rows.column("prompt_id").to_pylist()], pa.string()),
+        "token_logprobs": pa.array([[x] for x in rows.column("logprob").to_pylist()], pa.list_(pa.float32())),
+        "policy_version": pa.array([policy_version] * rows.num_rows, pa.int64()),  # the judge's: no policy check
+    }).select(SAMPLED_SCHEMA.names).cast(SAMPLED_SCHEMA)
+    blocks = [sampled.slice(i, 64) for i in range(0, sampled.num_rows, 64)]
+    ds = ray.data.from_arrow(blocks)
+    ds.context.enable_progress_bars = False
+    ds = ds.map_batches(
+        ScoreStage, batch_size=None, compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency),
+        num_cpus=cfg.data.num_cpus, batch_format="pyarrow", zero_copy_batch=True,
+        fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode, threshold=cfg.scoring.threshold,
+                                   round=round, max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries,
+                                   ledger_root=str(ledger.root)))
+    return sum(batch.num_rows for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
 def run_round(cfg, prompts: list[Prompt], run_dir: str | Path, round: int, app_name: str | None = None,
               reference: Reference | None = None) -> dict:
     """One round: K verdicts per prompt into the ledger (only the missing ones), then the round's
@@ -220,25 +271,14 @@ def run_round(cfg, prompts: list[Prompt], run_dir: str | Path, round: int, app_n
     run_dir = Path(run_dir)
     app_name = app_name or cfg.serve.app_name
     ledger = VerdictLedger(run_dir / "ledger")
-    todo = ledger.missing(round, prompts, cfg.images_per_prompt)
-    meters = _Meters()
-    if todo:
-        ds = verdict_dataset(todo, cfg, app_name, round, ledger_root=str(ledger.root))
-        with tqdm(total=sum(len(idx) for _, idx in todo), unit="img", desc=f"round {round}", dynamic_ncols=True) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                meters.update(batch.column("verdict").to_pylist())
-                bar.update(batch.num_rows)
-    expected = len(prompts) * cfg.images_per_prompt
-    stored = ledger.count(round)
-    if stored != expected:
-        raise RuntimeError(f"round {round}: the ledger holds {stored} rows, expected {expected}")
+    new_rows = fill_ledger(cfg, prompts, ledger, round, k=cfg.images_per_prompt, seed=cfg.seed, app_name=app_name)
     out_dir = run_dir / "data" / f"round={round}"
-    if meters.n or not all((out_dir / f"{name}.parquet").exists() for name in OUTPUTS):
+    if new_rows or not all((out_dir / f"{name}.parquet").exists() for name in OUTPUTS):
         if reference is None and cfg.data.ref_logprobs:
             reference = serve_reference(app_name, cfg.serve.max_batch_size, cfg.data.request_retries)
         build_preference_data(ledger, round, out_dir, min_margin=cfg.data.min_margin, reference=reference)
     counts = {name: pq.ParquetFile(out_dir / f"{name}.parquet").metadata.num_rows for name in OUTPUTS}
-    return {"round": round, "rows": stored, "new_rows": meters.n, **counts}
+    return {"round": round, "rows": ledger.count(round), "new_rows": new_rows, **counts}
 
 
 def serve_reference(app_name: str, max_rows: int, retries: int) -> Reference:
@@ -252,12 +292,13 @@ def serve_reference(app_name: str, max_rows: int, retries: int) -> Reference:
     return reference
 
 
-def init_ray(cfg) -> bool:
-    """Attach to the running Ray, or start a local one bound to 127.0.0.1; True if started here."""
+def init_ray(cfg, log_to_driver: bool = False) -> bool:
+    """Attach to the running Ray, or start a local one bound to 127.0.0.1; True if started here.
+    `log_to_driver`: show the output of Ray tasks and actors (a driver actor's progress) in this process."""
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` / an existing cluster: its own settings
-        ray.init()
+        ray.init(log_to_driver=log_to_driver)
         return True
     # A local instance listens on loopback only (DESIGN.md): Ray must have been imported with the variable
     # set (this module sets it), or it would bind its servers to the machine's network address.
@@ -270,8 +311,10 @@ def init_ray(cfg) -> bool:
     s = cfg.serve
     replicas = s.autoscaling_config.max_replicas if s.autoscaling_config is not None else s.num_replicas
     need = replicas * s.num_cpus + 2 * cfg.data.concurrency * cfg.data.num_cpus + 1
+    if "train" in cfg:  # a self-improvement run also places Ray Train workers
+        need += cfg.train.scaling.num_workers * cfg.train.scaling.cpus_per_worker
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False,
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
              runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
     if ray.util.get_node_ip_address() != "127.0.0.1":
         ray.shutdown()

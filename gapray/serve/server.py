@@ -263,6 +263,13 @@ class ModelServer:
             out = await asyncio.to_thread(conditional_logprobs, self.model, prompts, image_tokens)
         return {"logprobs": out, "policy_version": version}
 
+    async def decode(self, image_tokens) -> dict:
+        """Pixels of image tokens (uint8, channels last): report grids without a model in the caller."""
+        tokens = torch.as_tensor(np.atleast_2d(np.asarray(image_tokens, dtype=np.int64)))
+        async with self._lock:
+            images = await asyncio.to_thread(self.model.decode, tokens)
+        return {"images": images}
+
     async def stats(self) -> dict:
         """Batches formed so far, as (requests, model rows): what tests and benchmarks inspect."""
         return {"sample": list(self.batches["sample"]), "score": list(self.batches["score"]),

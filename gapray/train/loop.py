@@ -138,7 +138,9 @@ def prepare_model(cfg: DictConfig, reference: str):
     jm = load_model(OmegaConf.merge(cfg.model, {"device": "cpu"}))  # engines move it to their device
     ref = None
     if cfg.objective == "dpo" and reference == "model":  # copied before any ZeRO-3 partitioning
-        ref = ImageTokenLogprobs(copy.deepcopy(jm.model).requires_grad_(False).eval())
+        frozen = copy.deepcopy(jm.model) if not cfg.get("reference_model") else \
+            load_model(OmegaConf.merge(cfg.model, {"path": cfg.reference_model, "device": "cpu"})).model
+        ref = ImageTokenLogprobs(frozen.requires_grad_(False).eval())
     params = freeze_for_training(jm.model, cfg.trainable)
     jm.model.train()
     return jm, ImageTokenLogprobs(jm.model), params, ref
@@ -319,6 +321,8 @@ def run_training(cfg: DictConfig, *, after_step: Callable[[TrainState, int], Non
     cfg = copy.deepcopy(cfg)
     if Path(cfg.model.path).exists():  # workers run in another directory
         cfg.model.path = str(Path(cfg.model.path).resolve())
+    if cfg.get("reference_model") and Path(cfg.reference_model).exists():
+        cfg.reference_model = str(Path(cfg.reference_model).resolve())
     plan = plan_run(cfg)
     run_dir = Path(plan.run_dir)
     if cfg.overwrite and run_dir.exists():

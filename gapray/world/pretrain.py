@@ -133,16 +133,36 @@ class Judged:
     prompts: list[str]
     images: np.ndarray  # (N, H, W, 3) uint8
     labels: np.ndarray  # (N,) int, the oracle's verdict on that exact image
+    own: np.ndarray | None = None  # (N,) bool, True for the model's own generations (default: none are)
+
+    def __post_init__(self):
+        if self.own is None:
+            self.own = np.zeros(len(self.labels), bool)
 
     def __add__(self, other: "Judged") -> "Judged":
         return Judged(self.prompts + other.prompts, np.concatenate([self.images, other.images]),
-                      np.concatenate([self.labels, other.labels]))
+                      np.concatenate([self.labels, other.labels]), np.concatenate([self.own, other.own]))
+
+    def batch(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n indices: half renders, label-balanced, half the model's own generations as they come.
+
+        The pool is mostly negatives (hard negatives, and a young generator's own images are mostly wrong):
+        sampled uniformly, the cheapest answer is 'always 0'. Renders are balanced so that the verdict has to
+        be read from the image; own generations keep their natural share of right and wrong images, the
+        distribution the judge is measured on (its accuracy on its own generations)."""
+        renders = [np.flatnonzero(~self.own & (self.labels == y)) for y in (0, 1)]
+        own = np.flatnonzero(self.own)
+        n_own = n // 2 if len(own) else 0
+        picks = [rng.choice(g, size) for g, size in zip(renders, ((n - n_own) // 2, n - n_own - (n - n_own) // 2)) if len(g)]
+        if n_own:
+            picks.append(rng.choice(own, n_own))
+        return np.concatenate(picks)
 
 
-def oracle_labelled(model: JanusModel, rows: list[dict], tokens: torch.Tensor) -> Judged:
+def oracle_labelled(model: JanusModel, rows: list[dict], tokens: torch.Tensor, own: bool = False) -> Judged:
     images = decode_batched(model, tokens)
     labels = np.array([int(judge(img, r)) for img, r in zip(images, rows)])
-    return Judged([r["prompt"] for r in rows], images, labels)
+    return Judged([r["prompt"] for r in rows], images, labels, np.full(len(labels), own))
 
 
 @torch.no_grad()
@@ -180,7 +200,7 @@ def self_generated_pool(model: JanusModel, rows: list[dict], k: int, seed: int,
         batch = rows[i:i + 32]
         seeds = [image_seed(seed, r["prompt_id"], j) for r in batch for j in range(k)]
         tokens.append(model.sample([r["prompt"] for r in batch], k, sampling, seeds).tokens)
-    return oracle_labelled(model, [r for r in rows for _ in range(k)], torch.cat(tokens))
+    return oracle_labelled(model, [r for r in rows for _ in range(k)], torch.cat(tokens), own=True)
 
 
 def answer_text(model: JanusModel, label: int) -> str:
@@ -262,9 +282,10 @@ def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -
 
 def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 32, und_batch: int = 16,
              lr: float = 1e-3, self_generated_at: tuple[float, ...] = (0.5, 0.75), self_generated_k: int = 2,
-             dev_rows: list[dict] | None = None, seed: int = 0, log=print) -> None:
+             dev_rows: list[dict] | None = None, seed: int = 0, log=print, on_dev_check=None) -> None:
     """Both objectives every step; the understanding pool grows with the model's own generations at the
-    given fractions of training, so the judge sees what the generator actually draws."""
+    given fractions of training, so the judge sees what the generator actually draws. `on_dev_check(step)`
+    runs after each of the four progress checks (the job saves the model there)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = [p for n, p in model.model.named_parameters() if ".vqmodel." not in n]
@@ -281,11 +302,12 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
             model.model.eval()
             own = self_generated_pool(model, rows, self_generated_k, seed=seed * 1000 + step)
             pool = pool + own
-            log(f"step {step}: + {len(own.labels)} own generations ({own.labels.mean():.2f} accepted by the oracle)")
+            log(f"step {step}: + {len(own.labels)} own generations ({own.labels.mean():.2f} accepted by the oracle); "
+                f"pool {len(pool.labels)}, {pool.labels[pool.own].sum()} accepted own generations")
         model.model.train()
         model.model.model.vqmodel.eval()
         loss_g = generation_loss(model, [rows[i] for i in rng.integers(0, len(rows), gen_batch)], rng)
-        loss_u = understanding_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
+        loss_u = understanding_loss(model, pool, pool.batch(und_batch, rng))
         loss_c = caption_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
         opt.zero_grad()
         (loss_g + loss_u + loss_c).backward()
@@ -298,4 +320,6 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
         if dev_rows and (step + 1) % max(1, steps // 4) == 0:
             model.model.eval()
             log(f"dev (train prompts) at step {step + 1}: {dev_check(model, dev_rows)}")
+            if on_dev_check is not None:
+                on_dev_check(step + 1)
     model.model.eval()

@@ -1,0 +1,418 @@
+"""The curriculum driver: PAPER.md's Algorithms 1 and 2, and rounds beyond them, as resumable phases.
+
+    measure/0 ─► round r = 0 .. rounds-1:
+                   sample/r   N images per training prompt, judged by the model itself -> ledger/round=r,
+                              then data/round=r/{sft,dpo,discard}.parquet (Algorithm 1)
+                   gate/r     an external judge (the shapes oracle) audits a sample of the accepted images;
+                              precision below gate.min_precision stops the run (co-degradation)
+                   train/r/a  SFT or DPO on the round's data: all epochs, or (c-sft, c-dpo) up to replay_epoch;
+                              the export is served as policy_version + 1
+                   replay/r   (c- modes) the discard pool drawn and judged again by the current policy; prompts
+                              with an accepted image are admitted: data/round=r/replay/, and
+                              data/round=r/with_replay/ = the round's data + the admitted (Algorithm 2)
+                   train/r/b  (c- modes) the remaining epochs on with_replay/, from train/r/a's export
+                   measure/r+1
+             ─► report: summary.json, report.md, plots/, grids/ (base vs final)
+
+measure/i samples eval_images_per_prompt images per held-out prompt with the same seeds every time (base and
+improved images are paired), and from i = 1 on also judges the base model's images with the current
+policy: the understanding win rate (PAPER.md). Each training round draws with its own seed.
+
+Resume: `state.json` in the run directory is rewritten (atomically) after every phase; a driver started on
+the same run directory skips the completed phases and redoes the interrupted one, which never duplicates
+data: the ledger draws only the images it lacks, preference files are rebuilt whole from the ledger, and
+training resumes from its latest Ray Train checkpoint (train.backend=ray) or restarts (local), both
+deterministic. Assumes the run directory is on storage every node sees (a cluster: NFS/EFS/Filestore).
+
+Backends: `RayBackend` (Serve replicas sample and judge, Ray Data streams the verdicts, Ray Train trains;
+the driver is a named actor, see jobs/self_improve.py) and `LocalBackend` (one process: the same phases on
+the model in memory). Both write the same ledger rows for the same seeds.
+Not done: an external judge for models outside the shapes world (another VLM as its own Serve app); C-DPO's
+replay pairs are rebuilt from the replayed prompts' own candidates (the paper does not say how).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+
+from gapray.config import SelfImproveConfig, TrainConfig, check_values, load_model
+from gapray.data.ledger import VerdictLedger
+from gapray.data.preference import OUTPUTS, build_preference_data
+from gapray.errors import UserError
+from gapray.measure import sample_and_score_images, summarize, verdict_rows
+from gapray.metrics import by_task, win_rate
+from gapray.models import SampleOutput, SamplingParams
+from gapray.models.sampler import derive_seed
+from gapray.prompts import Prompt, load_prompts
+
+STATE_FILE = "state.json"
+
+
+class GateStopped(RuntimeError):
+    """The data-quality gate found too few of the accepted images right: the run stops (co-degradation)."""
+
+
+def plan_phases(cfg) -> list[str]:
+    """Every phase of a run, in order."""
+    phases = ["measure/0"]
+    for r in range(cfg.rounds):
+        phases += [f"sample/{r}", f"gate/{r}", f"train/{r}/a"]
+        if cfg.mode.startswith("c-"):
+            phases += [f"replay/{r}", f"train/{r}/b"]
+        phases.append(f"measure/{r + 1}")
+    return phases + ["report"]
+
+
+def driver_name(run_dir: str | Path) -> str:
+    """The named actor of a run directory: one driver per run at a time, wherever it was submitted from."""
+    path = str(Path(run_dir).resolve())
+    return f"gapray-driver-{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+@dataclasses.dataclass
+class RunState:
+    """What state.json holds: enough to resume, and the run's history for the report."""
+    completed: list[str] = dataclasses.field(default_factory=list)
+    current: str | None = None  # the phase in progress (or interrupted)
+    status: str = "running"  # running | done | stopped (by the gate)
+    message: str = ""
+    policy_version: int = 0  # 0 = the base model; +1 per training phase
+    checkpoint: str | None = None  # the serving policy's save_pretrained dir (None: cfg.model)
+    discard_pool: list[str] = dataclasses.field(default_factory=list)  # prompt ids, after the latest sample/replay
+    rounds: dict = dataclasses.field(default_factory=dict)  # "r" -> data counts, gate audit, train results
+    evals: dict = dataclasses.field(default_factory=dict)  # "i" -> summary of measure/i
+    seconds: dict = dataclasses.field(default_factory=dict)  # phase -> wall seconds
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunState":
+        path = run_dir / STATE_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"run_dir: '{path}' is not a gapray state file ({e}); choose another run_dir") from None
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        os.replace(tmp, run_dir / STATE_FILE)  # atomic: a crash leaves the old state or the new, never half
+
+
+# ---- backends: where images are drawn and judged ------------------------------------------------------------
+class LocalBackend:
+    """One process: the model in memory samples and judges; training runs as train.backend says."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.model = load_model(cfg.model)
+        self.checkpoint: str | None = None
+        self.policy_version = 0
+
+    def serve(self, checkpoint: str | None, policy_version: int) -> None:
+        if checkpoint != self.checkpoint:
+            from gapray.serve.server import swap_weights
+            swap_weights(self.model, OmegaConf.to_container(self.cfg.model), checkpoint)
+            self.checkpoint = checkpoint
+        self.policy_version = policy_version
+
+    def fill(self, prompts: list[Prompt], ledger: VerdictLedger, round: int, k: int, seed: int, desc: str) -> int:
+        from tqdm import tqdm
+
+        todo = ledger.missing(round, prompts, k)
+        sampling = SamplingParams(**OmegaConf.to_container(self.cfg.sampling))
+        added = 0
+        with tqdm(total=sum(len(i) for _, i in todo), unit="img", desc=desc, dynamic_ncols=True, mininterval=5) as bar:
+            for start in range(0, len(todo), self.cfg.batch_prompts):
+                chunk = todo[start:start + self.cfg.batch_prompts]
+                rows = sample_and_score_images(self.model, chunk, sampling, seed, self.cfg.scoring.mode,
+                                               self.cfg.scoring.threshold)
+                added += self._write(ledger, round, rows)
+                bar.update(len(rows))
+        return added
+
+    def rescore(self, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, round: int) -> int:
+        by_id = {p.prompt_id: p for p in prompts}
+        have = ledger.keys(round)
+        todo = [r for r in rows.to_pylist() if (r["prompt_id"], r["sample_idx"]) not in have]
+        added = 0
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            flat = [by_id[r["prompt_id"]] for r in chunk]
+            out = SampleOutput(tokens=_tokens(chunk), logprobs=_logprobs(chunk), seeds=[r["seed"] for r in chunk])
+            images = self.model.decode(out.tokens)
+            judged = self.model.score([p.prompt for p in flat], images, mode=self.cfg.scoring.mode)
+            added += self._write(ledger, round, verdict_rows(flat, [r["sample_idx"] for r in chunk], out, images,
+                                                             judged, self.cfg.scoring.threshold))
+        return added
+
+    def decode(self, tokens):
+        return self.model.decode(tokens)
+
+    def _write(self, ledger: VerdictLedger, round: int, rows: list[dict]) -> int:
+        from gapray.data.schemas import LEDGER_SCHEMA
+
+        ledger.write_part(round, pa.Table.from_pylist(
+            [{"round": round, **r, "policy_version": self.policy_version} for r in rows], schema=LEDGER_SCHEMA))
+        return len(rows)
+
+
+class RayBackend:
+    """Serve replicas (one ModelServer app) sample and judge; Ray Data streams verdicts into the ledger."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.app = cfg.serve.app_name
+        self.policy_version = 0
+
+    def serve(self, checkpoint: str | None, policy_version: int) -> None:
+        from gapray.serve.server import deploy
+
+        # deploy() of a running app with the same model only changes user_config: reconfigure() on the live
+        # replicas, no restart (on resume: a no-op when Serve already serves this policy)
+        deploy(self.cfg.model, self.cfg.serve, name=self.app, checkpoint=checkpoint, policy_version=policy_version)
+        self.policy_version = policy_version
+
+    def fill(self, prompts: list[Prompt], ledger: VerdictLedger, round: int, k: int, seed: int, desc: str) -> int:
+        from gapray.data.pipeline import fill_ledger
+        return fill_ledger(self.cfg, prompts, ledger, round, k=k, seed=seed, app_name=self.app, desc=desc)
+
+    def rescore(self, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, round: int) -> int:
+        from gapray.data.pipeline import rescore
+        return rescore(self.cfg, rows, prompts, ledger, round, app_name=self.app, policy_version=self.policy_version)
+
+    def decode(self, tokens):
+        from gapray.serve.server import handle
+        return handle(self.app).decode.remote(tokens.numpy()).result()["images"]
+
+
+def _tokens(rows: list[dict]) -> torch.Tensor:
+    return torch.tensor([r["image_tokens"] for r in rows])
+
+
+def _logprobs(rows: list[dict]) -> torch.Tensor:
+    return torch.tensor([[r["logprob"]] for r in rows])  # the summed log-prob, as one "token"
+
+
+class _Gauges:
+    """ray.util.metrics gauges for the dashboard, tagged with the run's name (no-ops without Ray)."""
+    NAMES = {"policy_version": "policy version the run serves", "non_unification": "non-unification, latest measure",
+             "generation_accuracy": "oracle generation accuracy, latest measure", "sft_samples": "SFT rows, this round",
+             "dpo_pairs": "DPO pairs, this round", "discard_pool": "prompts in the discard pool",
+             "replay_admitted": "prompts admitted by the latest replay", "gate_precision": "audited precision",
+             "train_loss": "last logged training loss", "phases_completed": "phases completed"}
+
+    def __init__(self, run: str):
+        self.tags = {"run": run}
+        self.gauges = {}
+        try:
+            import ray
+            if ray.is_initialized():
+                from ray.util import metrics
+                self.gauges = {n: metrics.Gauge(f"gapray_run_{n}", d, tag_keys=("run",)) for n, d in self.NAMES.items()}
+        except ImportError:
+            pass
+
+    def set(self, **values) -> None:
+        for name, value in values.items():
+            if name in self.gauges and value is not None:
+                self.gauges[name].set(float(value), tags=self.tags)
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------
+class CurriculumDriver:
+    """Runs a self-improvement run's phases in order, persisting state after each. Plain Python: jobs/self_improve.py
+    runs it in-process (backend=local) or as a named Ray actor (backend=ray)."""
+
+    def __init__(self, cfg: dict | DictConfig):
+        self.cfg = OmegaConf.merge(OmegaConf.structured(SelfImproveConfig), cfg)
+        check_values(self.cfg)
+        self.run_dir = Path(self.cfg.run_dir).resolve()
+        self.prompts = load_prompts(self.cfg.prompts, limit=self.cfg.max_prompts)
+        self.eval_prompts = load_prompts(self.cfg.eval_prompts, limit=self.cfg.max_eval_prompts)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_resumable(self.run_dir, self.cfg)
+        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        self.state = RunState.load(self.run_dir)
+        self.backend = RayBackend(self.cfg) if self.cfg.backend == "ray" else LocalBackend(self.cfg)
+        self.gauges = _Gauges(self.run_dir.name)
+
+    # -- public --
+    def run(self) -> dict:
+        """Every phase not yet completed; returns the run summary. Raises GateStopped if the gate fires."""
+        if self.state.status == "stopped":
+            raise GateStopped(self.state.message)
+        if self.state.completed:
+            print(f"[gapray] {self.run_dir}: resuming after {len(self.state.completed)} completed phases "
+                  f"({', '.join(self.state.completed)})", flush=True)
+        self.backend.serve(self.state.checkpoint, self.state.policy_version)
+        for phase in plan_phases(self.cfg):
+            if phase in self.state.completed:
+                continue
+            self.state.current = phase
+            self.state.save(self.run_dir)
+            print(f"[gapray] phase {phase} (policy_version {self.state.policy_version})", flush=True)
+            t0 = time.perf_counter()
+            kind, *args = phase.split("/")
+            getattr(self, f"_{kind}")(*args)
+            self.state.seconds[phase] = round(time.perf_counter() - t0, 1)
+            self.state.completed.append(phase)
+            self.state.current = None
+            self.state.status = "done" if phase == "report" else "running"
+            self.state.save(self.run_dir)
+            self.gauges.set(policy_version=self.state.policy_version, phases_completed=len(self.state.completed))
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def status(self) -> dict:
+        return dataclasses.asdict(self.state)
+
+    # -- phases --
+    def _measure(self, i: str) -> None:
+        i = int(i)
+        ledger = VerdictLedger(self.run_dir / "eval" / "ledger")
+        self.backend.fill(self.eval_prompts, ledger, i, self.cfg.eval_images_per_prompt, self.cfg.seed,
+                          desc=f"measure/{i}")
+        rows = _ordered(ledger.read(i), self.eval_prompts)
+        summary = summarize(rows)
+        if i > 0:  # the current policy's verdicts on the base model's images: the understanding win rate
+            base = ledger.read(0)
+            rescored = VerdictLedger(self.run_dir / "eval" / "rescore")
+            self.backend.rescore(base, self.eval_prompts, rescored, i)
+            now = {(r["prompt_id"], r["sample_idx"]): r["verdict"] for r in rescored.read(i).to_pylist()}
+            paired = [{**r, "base_verdict": r["verdict"], "verdict": now[(r["prompt_id"], r["sample_idx"])]}
+                      for r in _ordered(base, self.eval_prompts)]
+            summary["win_rate"] = by_task(paired, win_rate)
+        summary["policy_version"] = self.state.policy_version
+        self.state.evals[str(i)] = summary
+        oracle = summary.get("oracle", {}).get("overall", {}).get("generation_accuracy", {})
+        self.gauges.set(non_unification=summary["non_unification"], generation_accuracy=oracle.get("value"))
+
+    def _sample(self, r: str) -> None:
+        r = int(r)
+        ledger = VerdictLedger(self.run_dir / "ledger")
+        self.backend.fill(self.prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "round", r),
+                          desc=f"sample/{r}")
+        counts = build_preference_data(ledger, r, self.data_dir(r), min_margin=self.cfg.data.min_margin)
+        self.state.discard_pool = _prompt_ids(self.data_dir(r) / "discard.parquet")
+        self.state.rounds[str(r)] = {"start_checkpoint": self.state.checkpoint, "sample": counts}
+        self.gauges.set(sft_samples=counts["sft"], dpo_pairs=counts["dpo"], discard_pool=counts["discard"])
+
+    def _gate(self, r: str) -> None:
+        r = int(r)
+        audit = {"judge": self.cfg.gate.judge}
+        if self.cfg.gate.judge == "oracle":
+            t = VerdictLedger(self.run_dir / "ledger").read(r, ["prompt_id", "sample_idx", "verdict", "oracle_verdict"])
+            accepted = sorted((pid, j, o) for pid, j, v, o in zip(*(t.column(c).to_pylist() for c in t.column_names))
+                              if v == 1 and o is not None)
+            rng = np.random.default_rng(derive_seed(self.cfg.seed, "audit", r) % 2**32)
+            picked = [accepted[i] for i in rng.permutation(len(accepted))[:self.cfg.gate.audit_size]]
+            right = sum(o == 1 for _, _, o in picked)
+            audit.update(audited=len(picked), right=right, precision=right / len(picked) if picked else None)
+        self.state.rounds[str(r)]["gate"] = audit
+        precision = audit.get("precision")
+        self.gauges.set(gate_precision=precision)
+        if precision is not None and precision < self.cfg.gate.min_precision:
+            self.state.status = "stopped"
+            self.state.message = (
+                f"data-quality gate: round {r}: the {self.cfg.gate.judge} judge finds only {audit['right']} of "
+                f"{audit['audited']} audited accepted images right (precision {precision:.2f} < gate.min_precision "
+                f"{self.cfg.gate.min_precision}); training on these self-verdicts would teach the model its own "
+                f"mistakes (co-degradation). Inspect {self.run_dir / 'ledger' / f'round={r}'}")
+            self.state.save(self.run_dir)
+            raise GateStopped(self.state.message)
+
+    def _train(self, r: str, part: str) -> None:
+        r = int(r)
+        c = self.cfg
+        objective = "dpo" if c.mode.endswith("dpo") else "sft"
+        replay_epoch = c.replay_epoch or c.train.epochs // 2
+        epochs = c.train.epochs if not c.mode.startswith("c-") else (replay_epoch if part == "a" else c.train.epochs - replay_epoch)
+        data = self.data_dir(r) if part == "a" else self.data_dir(r) / "with_replay"
+        start = self.state.rounds[str(r)]["start_checkpoint"]  # the round's first policy: DPO's reference
+        tcfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(c.train), {
+            "model": {**OmegaConf.to_container(c.model), "path": self.state.checkpoint or c.model.path},
+            "data": str(data), "objective": objective, "epochs": epochs,
+            "seed": derive_seed(c.seed, "train", c.train.seed, r, part) % 2**31,
+            "loss": {"reference": "model"}, "reference_model": start or c.model.path,
+            "run_dir": str(self.run_dir / "checkpoints" / f"round={r}" / part),
+            "overwrite": c.train.backend == "local",  # local training cannot resume: an interrupted one starts over
+        })
+        check_values(tcfg)
+        from gapray.train import run_training
+
+        result = run_training(tcfg)
+        self.state.checkpoint = result.model_dir
+        self.state.policy_version += 1
+        self.state.rounds[str(r)][f"train_{part}"] = {"epochs": epochs, "steps": result.steps, "objective": objective,
+                                                      "metrics": {k: v for k, v in result.metrics.items()
+                                                                  if isinstance(v, (int, float))}}
+        self.gauges.set(train_loss=result.metrics.get("loss"))
+        self.backend.serve(self.state.checkpoint, self.state.policy_version)
+
+    def _replay(self, r: str) -> None:
+        r = int(r)
+        pool = set(self.state.discard_pool)
+        prompts = [p for p in self.prompts if p.prompt_id in pool]
+        ledger = VerdictLedger(self.run_dir / "replay")
+        self.backend.fill(prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "replay", r),
+                          desc=f"replay/{r}")
+        counts = build_preference_data(ledger, r, self.data_dir(r) / "replay", min_margin=self.cfg.data.min_margin)
+        still = set(_prompt_ids(self.data_dir(r) / "replay" / "discard.parquet"))
+        out = self.data_dir(r) / "with_replay"
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("sft", "dpo"):
+            table = pa.concat_tables([pq.read_table(self.data_dir(r) / f"{name}.parquet"),
+                                      pq.read_table(self.data_dir(r) / "replay" / f"{name}.parquet")])
+            tmp = out / f".{name}.parquet.tmp"
+            pq.write_table(table.cast(OUTPUTS[name]), tmp)
+            os.replace(tmp, out / f"{name}.parquet")
+        self.state.rounds[str(r)]["replay"] = {**counts, "pool": len(pool), "admitted": len(pool - still)}
+        self.state.discard_pool = sorted(still)
+        self.gauges.set(replay_admitted=len(pool - still), discard_pool=len(still))
+
+    def _report(self) -> None:
+        from gapray.report import write_run_report
+        write_run_report(self.run_dir, self.cfg, self.state, self.backend.decode,
+                         {i: _ordered(VerdictLedger(self.run_dir / "eval" / "ledger").read(int(i)), self.eval_prompts)
+                          for i in ("0", str(self.cfg.rounds))})
+
+    def data_dir(self, r: int) -> Path:
+        return self.run_dir / "data" / f"round={r}"
+
+
+def _ordered(table: pa.Table, prompts: list[Prompt]) -> list[dict]:
+    """Ledger rows in prompt-file order, then sample index: the same list whatever the part-file layout."""
+    order = {p.prompt_id: i for i, p in enumerate(prompts)}
+    return sorted(table.to_pylist(), key=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
+
+
+def _prompt_ids(path: Path) -> list[str]:
+    return sorted(pq.read_table(path, columns=["prompt_id"]).column("prompt_id").to_pylist())
+
+
+# Keys that may change between a run and its resumption: they change how, not what, is computed.
+RESUME_MAY_CHANGE = {"serve", "data", "run_dir", "grid_prompts", "batch_prompts"}
+
+
+def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
+    """A run directory resumes only the run it holds: refuse another configuration (one line naming the key)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key):
+            raise UserError(f"run_dir '{run_dir}' holds a run with another '{key}' ({saved.get(key)!r}, now "
+                            f"{now.get(key)!r}); resume it with the same config, or choose another run_dir")

@@ -1,0 +1,176 @@
+"""The self-improvement job on Ray (CPU, 127.0.0.1 only): `ray job submit` to a local `ray start --head`, its
+status and custom metrics read through the dashboard's APIs, and a driver killed during training that,
+resubmitted, finishes with exactly the ledger, data and summary of the uninterrupted submitted run."""
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from gapray.data.ledger import VerdictLedger
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# 8 prompts x 4 images: up to 16 optimizer steps per epoch (2 workers x 1 row), a checkpoint every 2 steps, so
+# that training is still running when the test stops the first job.
+SETTING = ["model=tiny", "mode=c-sft", "max_prompts=8", "images_per_prompt=4", "max_eval_prompts=3",
+           "eval_images_per_prompt=2", "train.epochs=2", "train.micro_batch_size=1", "train.checkpoint.every_n_steps=2",
+           "train.checkpoint.num_to_keep=null", "gate.min_precision=0", "batch_prompts=4", "data.concurrency=1",
+           "serve.route_prefix=null"]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+TOKEN = secrets.token_hex(32)  # Ray 2.60 turns token authentication on for new clusters: the head uses this one
+
+
+def get_json(url: str):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def head():
+    """`ray start --head --block` on 127.0.0.1 with its dashboard and metrics endpoints; stopped by ending that
+    process (never `ray stop`, which would also stop the test session's own Ray)."""
+    gcs, dash, metrics, agent, agent_grpc, renv = free_ports(6)
+    temp = tempfile.mkdtemp(prefix="gh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,  # the head, and `ray job submit` authenticating to it
+           "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this environment's
+           "RAY_metrics_report_interval_ms": "1000"}
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={renv}",
+                             "--num-cpus=6", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    for _ in range(120):
+        try:
+            get_json(f"{url}/api/version")
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("the local Ray head's dashboard did not come up")
+    yield {"url": url, "metrics": f"http://127.0.0.1:{metrics}/metrics", "env": env}
+    proc.terminate()  # `ray start --block` drains the node and stops the processes it started
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(head, run_dir: Path) -> str:
+    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head["url"], "--working-dir", ".",
+                          "--no-wait", "--", "python", "jobs/self_improve.py", *SETTING, f"run_dir={run_dir}"],
+                         cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+
+
+def wait(head, job_id: str, until=None, timeout: float = 900) -> dict:
+    """Poll the job's status (and the metrics endpoint) until it ends or `until()` holds."""
+    statuses, samples = [], []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = get_json(f"{head['url']}/api/jobs/{job_id}")["status"]
+        statuses.append(status)
+        if until is not None and until():
+            break
+        if until is None:
+            try:
+                with urllib.request.urlopen(head["metrics"], timeout=10) as r:
+                    samples.append(r.read().decode())
+            except OSError:
+                pass
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.2 if until is not None else 1.0)
+    logs = get_json(f"{head['url']}/api/jobs/{job_id}/logs")["logs"]
+    return {"statuses": statuses, "metrics": samples, "logs": logs}
+
+
+@pytest.fixture(scope="module")
+def submitted(head, tmp_path_factory):
+    """`ray job submit` of self_improve, watched through the dashboard's job API and the metrics endpoint."""
+    run_dir = tmp_path_factory.mktemp("submitted") / "run"
+    return {"run_dir": run_dir, **wait(head, submit(head, run_dir))}
+
+
+def metric_values(text: str, name: str) -> list[float]:
+    return [float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
+
+
+def test_job_submit_succeeds_and_reports_through_the_dashboard(submitted):
+    assert submitted["statuses"][-1] == "SUCCEEDED", submitted["logs"][-3000:]
+    assert "RUNNING" in submitted["statuses"]
+    assert "| overall |" in submitted["logs"]  # the results table, printed by the job
+    seen = "\n".join(submitted["metrics"])
+    # custom metrics (ray.util.metrics) from the driver actor, the Serve replicas and the pipeline
+    assert max(metric_values(seen, "ray_gapray_run_policy_version")) == 2
+    assert max(metric_values(seen, "ray_gapray_run_phases_completed")) >= 7
+    images = 8 * 4 + 3 * 2 * 2  # sampled: training prompts + both measures (replay adds the discard pool)
+    assert max(metric_values(seen, "ray_gapray_images_sampled_total")) >= images
+    assert metric_values(seen, "ray_gapray_run_sft_samples")
+
+
+def test_driver_killed_during_training_resumes_to_the_same_result(head, submitted, tmp_path):
+    run_dir = tmp_path / "killed"
+    checkpoints = run_dir / "checkpoints" / "round=0" / "a" / "checkpoints"
+    first = submit(head, run_dir)
+    wait(head, first, until=lambda: checkpoints.is_dir() and any(checkpoints.glob("checkpoint_*")))
+    # stopping the job (the dashboard's job API) ends its driver process, and with it the driver actor and the
+    # Train workers it owns
+    request = urllib.request.Request(f"{head['url']}/api/jobs/{first}/stop", method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    assert json.loads(urllib.request.urlopen(request, timeout=30).read())["stopped"]
+    assert wait(head, first)["statuses"][-1] == "STOPPED"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["current"] == "train/0/a" and "sample/0" in state["completed"], state  # after data, in training
+    assert not (run_dir / "checkpoints" / "round=0" / "a" / "model").exists()  # training had not finished
+
+    second = wait(head, submit(head, run_dir))  # the same run_dir: resumes
+    assert second["statuses"][-1] == "SUCCEEDED", second["logs"][-3000:]
+    assert "resuming after 3 completed phases" in second["logs"]
+
+    ref = submitted["run_dir"]
+    for root, rounds in (("ledger", [0]), ("replay", [0]), ("eval/ledger", [0, 1]), ("eval/rescore", [1])):
+        for r in rounds:
+            a, b = (sorted(VerdictLedger(d / root).read(r).to_pylist(), key=lambda x: (x["prompt_id"], x["sample_idx"]))
+                    for d in (ref, run_dir))
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert x["image_tokens"] == y["image_tokens"] and x["verdict"] == y["verdict"], (root, r)
+                assert x["oracle_verdict"] == y["oracle_verdict"] and x["policy_version"] == y["policy_version"]
+                assert abs(x["p_aligned"] - y["p_aligned"]) < 1e-5
+    assert VerdictLedger(run_dir / "eval" / "ledger").count(1) == 3 * 2  # measured after the resumed training
+    for rel in ("round=0/sft.parquet", "round=0/dpo.parquet", "round=0/discard.parquet", "round=0/with_replay/sft.parquet"):
+        a, b = (pq.read_table(d / "data" / rel).drop_columns(["p_aligned"] if "sft" in rel else []) for d in (ref, run_dir))
+        assert a.equals(b), rel
+    summary, expected = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref))
+    assert summary["table"] == expected["table"] and summary["final"] == expected["final"]
+    assert summary["rounds_data"]["0"]["sample"] == expected["rounds_data"]["0"]["sample"]
