@@ -135,7 +135,8 @@ def test_job_submit_succeeds_and_reports_through_the_dashboard(submitted):
     assert max(metric_values(seen, "ray_gapray_run_phases_completed")) >= 7
     images = 8 * 4 + 3 * 2 * 2  # sampled: training prompts + both measures (replay adds the discard pool)
     assert max(metric_values(seen, "ray_gapray_images_sampled_total")) >= images
-    assert metric_values(seen, "ray_gapray_run_sft_samples")
+    sft = json.loads((submitted["run_dir"] / "state.json").read_text())["rounds"]["0"]["sample"]["sft"]
+    assert sft in metric_values(seen, "ray_gapray_run_sft_samples")  # the driver's gauge carries the real count
 
 
 def test_driver_killed_during_training_resumes_to_the_same_result(head, submitted, tmp_path):

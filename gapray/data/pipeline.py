@@ -180,14 +180,20 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
                 batch_format="pyarrow", zero_copy_batch=True)
     ds = ray.data.from_arrow(blocks)
     ds.context.enable_progress_bars = False  # the callers show one bar in images; Ray Data's own flood job logs
-    return (ds
-            .map_batches(SampleStage, batch_size=cfg.batch_prompts, **pool,
-                         fn_constructor_kwargs=dict(app_name=app_name, sampling=sampling,
-                                                    seed=cfg.seed if seed is None else seed, **common))
-            .map_batches(ScoreStage, batch_size=None, **pool,
-                         fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode,
-                                                    threshold=cfg.scoring.threshold, round=round,
-                                                    ledger_root=ledger_root, **common)))
+    sampled = ds.map_batches(SampleStage, batch_size=cfg.batch_prompts, **pool,
+                             fn_constructor_kwargs=dict(app_name=app_name, sampling=sampling,
+                                                        seed=cfg.seed if seed is None else seed, **common))
+    return score_stage(sampled, cfg, app_name, round, ledger_root)
+
+
+def score_stage(ds: ray.data.Dataset, cfg, app_name: str, round: int, ledger_root: str | None) -> ray.data.Dataset:
+    """SAMPLED rows -> verdict rows, judged by the Serve app (an actor pool of ScoreStage)."""
+    return ds.map_batches(ScoreStage, batch_size=None, compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency),
+                          num_cpus=cfg.data.num_cpus, batch_format="pyarrow", zero_copy_batch=True,
+                          fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode,
+                                                     threshold=cfg.scoring.threshold, round=round,
+                                                     max_rows=cfg.serve.max_batch_size,
+                                                     retries=cfg.data.request_retries, ledger_root=ledger_root))
 
 
 class _Meters:
@@ -249,12 +255,7 @@ def rescore(cfg, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, r
     blocks = [sampled.slice(i, 64) for i in range(0, sampled.num_rows, 64)]
     ds = ray.data.from_arrow(blocks)
     ds.context.enable_progress_bars = False
-    ds = ds.map_batches(
-        ScoreStage, batch_size=None, compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency),
-        num_cpus=cfg.data.num_cpus, batch_format="pyarrow", zero_copy_batch=True,
-        fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode, threshold=cfg.scoring.threshold,
-                                   round=round, max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries,
-                                   ledger_root=str(ledger.root)))
+    ds = score_stage(ds, cfg, app_name, round, str(ledger.root))
     return sum(batch.num_rows for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
 
