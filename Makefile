@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test reproduce bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+reproduce: $(STAMP)
+	$(BIN)/python jobs/reproduce.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/sampler.py --model tiny

@@ -85,6 +85,7 @@ class DataConfig:
     concurrency: int = 2  # actors per stage (sample, score) that keep requests in flight to Serve
     num_cpus: float = 0.1  # logical CPUs per Data actor: they mostly wait on Serve
     min_margin: float = 0.0  # DPO pairs need chosen p_aligned - rejected p_aligned >= min_margin
+    reencode_images: bool = True  # training rows carry the decoded picture's VQ tokens, not the sampled ones
     ref_logprobs: bool = False  # precompute reference log-probs of chosen/rejected (the serving policy)
     request_retries: int = 20  # per Serve call: a request lost with its replica is sent again (same seeds)
 
@@ -206,6 +207,7 @@ class TrainConfig(TrainRecipe):
 # ---- self-improvement (gapray/curriculum.py, jobs/self_improve.py, conf/self_improve.yaml) -----------------
 MODES = ("sft", "dpo", "c-sft", "c-dpo")  # PAPER.md: Algorithm 1 (sft, dpo), + Algorithm 2's replay (c-)
 GATE_JUDGES = ("oracle", "none")
+GATE_ACTIONS = ("stop", "warn")
 
 
 @dataclass
@@ -213,7 +215,20 @@ class GateConfig:
     """The data-quality gate (PAPER.md, co-degradation): an external judge audits accepted images every round."""
     judge: str = "oracle"  # oracle: the shapes world's pixel oracle (prompts without world metadata: not audited)
     audit_size: int = 64  # accepted images audited per round (random, seeded)
-    min_precision: float = 0.5  # stop the run when fewer of the audited accepted images are right
+    min_precision: float = 0.5  # the gate fires when fewer of the audited accepted images are right
+    on_fail: str = "stop"  # stop: the run stops (exit 3); warn: recorded and printed, the run goes on (jobs/reproduce.py
+    # runs this way, to measure what the gate would have prevented)
+
+
+CORRUPTIONS = ("none", "flip", "noise")
+
+
+@dataclass
+class CorruptJudgeConfig:
+    """Poor supervision on purpose (PAPER.md, co-degradation): the self-verdicts that build training data (the
+    sample and replay phases) are corrupted before use. Measures and the ledger keep the model's own verdicts."""
+    mode: str = "none"  # none | flip: verdict turned over (p -> 1 - p) | noise: replaced by a fair coin (p uniform)
+    rate: float = 0.0  # share of verdicts corrupted; which ones: a seeded hash of (seed, phase, prompt, sample)
 
 
 @dataclass
@@ -234,11 +249,32 @@ class SelfImproveConfig:
     replay_epoch: Optional[int] = None  # c-modes: replay the discard pool after this epoch (null: half of train.epochs)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     gate: GateConfig = field(default_factory=GateConfig)
+    corrupt_judge: CorruptJudgeConfig = field(default_factory=CorruptJudgeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # backend=ray
     data: DataConfig = field(default_factory=DataConfig)  # backend=ray
     backend: str = "ray"  # ray: driver actor + Serve + Data (+ train.backend); local: one process
     run_dir: str = "runs/self_improve"  # submitting again with the same run_dir resumes
     grid_prompts: int = 4
+
+
+@dataclass
+class DiagnosticConfig:
+    """jobs/reproduce.py's learning-dynamics diagnostic (gapray/diagnostics.py), on each seed's SFT run."""
+    train_samples: int = 16  # SFT rows whose generation gradients are taken
+    heldout_samples: int = 16  # base-model images of held-out prompts: half the oracle accepts, half it rejects
+
+
+@dataclass
+class ReproduceConfig:
+    """jobs/reproduce.py: the paper's table and claims on the shapes world, over seeds."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    modes: list[str] = field(default_factory=lambda: ["sft", "c-sft", "dpo", "c-dpo"])
+    rounds: int = 3  # the c-sft runs iterate this many rounds (the table reads their first)
+    corrupt_judge: CorruptJudgeConfig = field(default_factory=lambda: CorruptJudgeConfig("flip", 0.5))
+    diagnostic: DiagnosticConfig = field(default_factory=DiagnosticConfig)
+    # every run's settings: conf/self_improve.yaml, these key=value overrides, then the command line's run.KEY=VALUE
+    run: list[str] = field(default_factory=lambda: ["backend=local", "train.backend=local"])
+    out_dir: str = "runs/reproduce"
 
 
 @dataclass
@@ -370,6 +406,8 @@ def check_values(cfg: DictConfig) -> None:
         return check_train(cfg)
     if OmegaConf.get_type(cfg) is SelfImproveConfig:
         check_self_improve(cfg)
+    if OmegaConf.get_type(cfg) is ReproduceConfig:
+        return check_reproduce(cfg)
     if "sampling" in cfg:
         s = cfg.sampling
         _require(s.guidance_scale > 1, "sampling.guidance_scale",
@@ -432,7 +470,24 @@ def check_self_improve(cfg: DictConfig) -> None:
     _choice("gate.judge", cfg.gate.judge, GATE_JUDGES)
     _require(cfg.gate.audit_size >= 1, "gate.audit_size", f"must be >= 1, got {cfg.gate.audit_size}")
     _require(0 <= cfg.gate.min_precision <= 1, "gate.min_precision", f"must be in [0, 1], got {cfg.gate.min_precision}")
+    _choice("gate.on_fail", cfg.gate.on_fail, GATE_ACTIONS)
+    check_corrupt_judge(cfg.corrupt_judge)
     check_recipe(cfg.train, prefix="train.")
+
+
+def check_corrupt_judge(c: DictConfig) -> None:
+    _choice("corrupt_judge.mode", c.mode, CORRUPTIONS)
+    _require(0 <= c.rate <= 1, "corrupt_judge.rate", f"must be in [0, 1], got {c.rate}")
+
+
+def check_reproduce(cfg: DictConfig) -> None:
+    _require(len(cfg.seeds) >= 1 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"need distinct seeds, got {list(cfg.seeds)}")
+    for m in cfg.modes:
+        _choice("modes", m, MODES)
+    _require(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    check_corrupt_judge(cfg.corrupt_judge)
+    for key in ("train_samples", "heldout_samples"):
+        _require(cfg.diagnostic[key] >= 2, f"diagnostic.{key}", f"must be >= 2, got {cfg.diagnostic[key]}")
 
 
 def check_train(cfg: DictConfig) -> None:

@@ -4,7 +4,8 @@
                    sample/r   N images per training prompt, judged by the model itself -> ledger/round=r,
                               then data/round=r/{sft,dpo,discard}.parquet (Algorithm 1)
                    gate/r     an external judge (the shapes oracle) audits a sample of the accepted images;
-                              precision below gate.min_precision stops the run (co-degradation)
+                              precision below gate.min_precision stops the run (co-degradation), or with
+                              gate.on_fail=warn is recorded and the run goes on
                    train/r/a  SFT or DPO on the round's data: all epochs, or (c-sft, c-dpo) up to replay_epoch;
                               the export is served as policy_version + 1
                    replay/r   (c- modes) the discard pool drawn and judged again by the current policy; prompts
@@ -27,6 +28,8 @@ deterministic. Assumes the run directory is on storage every node sees (a cluste
 Backends: `RayBackend` (Serve replicas sample and judge, Ray Data streams the verdicts, Ray Train trains;
 the driver is a named actor, see jobs/self_improve.py) and `LocalBackend` (one process: the same phases on
 the model in memory). Both write the same ledger rows for the same seeds.
+corrupt_judge (mode flip/noise, rate) corrupts the verdicts the sample and replay phases build data from (and
+the gate audits): poor supervision on purpose; the ledgers and every measure keep the model's own verdicts.
 Not done: an external judge for models outside the shapes world (another VLM as its own Serve app); C-DPO's
 replay pairs are rebuilt from the replayed prompts' own candidates (the paper does not say how).
 """
@@ -48,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gapray.config import SelfImproveConfig, TrainConfig, check_values, load_model
 from gapray.data.ledger import VerdictLedger
-from gapray.data.preference import OUTPUTS, build_preference_data
+from gapray.data.preference import OUTPUTS, build_preference_data, corrupt_verdicts
 from gapray.errors import UserError
 from gapray.measure import sample_and_score_images, summarize, verdict_rows
 from gapray.metrics import by_task, win_rate
@@ -160,6 +163,9 @@ class LocalBackend:
     def decode(self, tokens):
         return self.model.decode(tokens)
 
+    def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
+        return self.model.reencode(torch.tensor(tokens)).tolist()
+
     def _write(self, ledger: VerdictLedger, round: int, rows: list[dict]) -> int:
         from gapray.data.schemas import LEDGER_SCHEMA
 
@@ -195,6 +201,10 @@ class RayBackend:
     def decode(self, tokens):
         from gapray.serve.server import handle
         return handle(self.app).decode.remote(tokens.numpy()).result()["images"]
+
+    def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
+        from gapray.serve.server import handle
+        return handle(self.app).reencode.remote(np.asarray(tokens)).result()["image_tokens"].tolist()
 
 
 def _tokens(rows: list[dict]) -> torch.Tensor:
@@ -303,7 +313,8 @@ class CurriculumDriver:
         ledger = VerdictLedger(self.run_dir / "ledger")
         self.backend.fill(self.prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "round", r),
                           desc=f"sample/{r}")
-        counts = build_preference_data(ledger, r, self.data_dir(r), min_margin=self.cfg.data.min_margin)
+        counts = build_preference_data(ledger, r, self.data_dir(r), min_margin=self.cfg.data.min_margin,
+                                       verdicts=self._verdicts("sample", r), reencode=self._reencode())
         self.state.discard_pool = _prompt_ids(self.data_dir(r) / "discard.parquet")
         self.state.rounds[str(r)] = {"start_checkpoint": self.state.checkpoint, "sample": counts}
         self.gauges.set(sft_samples=counts["sft"], dpo_pairs=counts["dpo"], discard_pool=counts["discard"])
@@ -312,8 +323,12 @@ class CurriculumDriver:
         r = int(r)
         audit = {"judge": self.cfg.gate.judge}
         if self.cfg.gate.judge == "oracle":
-            t = VerdictLedger(self.run_dir / "ledger").read(r, ["prompt_id", "sample_idx", "verdict", "oracle_verdict"])
-            accepted = sorted((pid, j, o) for pid, j, v, o in zip(*(t.column(c).to_pylist() for c in t.column_names))
+            t = VerdictLedger(self.run_dir / "ledger").read(r, ["prompt_id", "sample_idx", "p_aligned", "verdict",
+                                                                 "oracle_verdict"])
+            corrupt = self._verdicts("sample", r)  # audit what training will see
+            t = t if corrupt is None else corrupt(t)
+            accepted = sorted((pid, j, o) for pid, j, v, o in zip(*(t.column(c).to_pylist() for c in
+                                                                     ("prompt_id", "sample_idx", "verdict", "oracle_verdict")))
                               if v == 1 and o is not None)
             rng = np.random.default_rng(derive_seed(self.cfg.seed, "audit", r) % 2**32)
             picked = [accepted[i] for i in rng.permutation(len(accepted))[:self.cfg.gate.audit_size]]
@@ -322,15 +337,19 @@ class CurriculumDriver:
         self.state.rounds[str(r)]["gate"] = audit
         precision = audit.get("precision")
         self.gauges.set(gate_precision=precision)
-        if precision is not None and precision < self.cfg.gate.min_precision:
-            self.state.status = "stopped"
-            self.state.message = (
-                f"data-quality gate: round {r}: the {self.cfg.gate.judge} judge finds only {audit['right']} of "
-                f"{audit['audited']} audited accepted images right (precision {precision:.2f} < gate.min_precision "
-                f"{self.cfg.gate.min_precision}); training on these self-verdicts would teach the model its own "
-                f"mistakes (co-degradation). Inspect {self.run_dir / 'ledger' / f'round={r}'}")
-            self.state.save(self.run_dir)
-            raise GateStopped(self.state.message)
+        audit["fired"] = precision is not None and precision < self.cfg.gate.min_precision
+        if not audit["fired"]:
+            return
+        message = (f"data-quality gate: round {r}: the {self.cfg.gate.judge} judge finds only {audit['right']} of "
+                   f"{audit['audited']} audited accepted images right (precision {precision:.2f} < gate.min_precision "
+                   f"{self.cfg.gate.min_precision}); training on these self-verdicts would teach the model its own "
+                   f"mistakes (co-degradation). Inspect {self.run_dir / 'ledger' / f'round={r}'}")
+        if self.cfg.gate.on_fail == "warn":
+            print(f"[gapray] WARNING (gate.on_fail=warn, training anyway): {message}", flush=True)
+            return
+        self.state.status, self.state.message = "stopped", message
+        self.state.save(self.run_dir)
+        raise GateStopped(message)
 
     def _train(self, r: str, part: str) -> None:
         r = int(r)
@@ -367,7 +386,8 @@ class CurriculumDriver:
         ledger = VerdictLedger(self.run_dir / "replay")
         self.backend.fill(prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "replay", r),
                           desc=f"replay/{r}")
-        counts = build_preference_data(ledger, r, self.data_dir(r) / "replay", min_margin=self.cfg.data.min_margin)
+        counts = build_preference_data(ledger, r, self.data_dir(r) / "replay", min_margin=self.cfg.data.min_margin,
+                                       verdicts=self._verdicts("replay", r), reencode=self._reencode())
         still = set(_prompt_ids(self.data_dir(r) / "replay" / "discard.parquet"))
         out = self.data_dir(r) / "with_replay"
         out.mkdir(parents=True, exist_ok=True)
@@ -380,6 +400,18 @@ class CurriculumDriver:
         self.state.rounds[str(r)]["replay"] = {**counts, "pool": len(pool), "admitted": len(pool - still)}
         self.state.discard_pool = sorted(still)
         self.gauges.set(replay_admitted=len(pool - still), discard_pool=len(still))
+
+    def _verdicts(self, phase: str, r: int):
+        """The verdicts training data is built from: the model's own (None), or corrupted on purpose."""
+        c = self.cfg.corrupt_judge
+        if c.mode == "none" or c.rate == 0:
+            return None
+        seed = derive_seed(self.cfg.seed, "corrupt", phase, r)
+        return lambda table: corrupt_verdicts(table, c.mode, c.rate, seed, self.cfg.scoring.threshold)
+
+    def _reencode(self):
+        """Training rows carry the decoded pictures' VQ tokens (data.reencode_images), by the serving model."""
+        return self.backend.reencode if self.cfg.data.reencode_images else None
 
     def _report(self) -> None:
         from gapray.report import write_run_report

@@ -184,6 +184,7 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     for r, info in sorted(state.rounds.items(), key=lambda kv: int(kv[0])):
         g = info.get("gate", {})
         prec = "-" if g.get("precision") is None else f"{g['precision']:.2f} ({g['right']}/{g['audited']})"
+        prec += " fired" if g.get("fired") else ""
         rep = info.get("replay")
         admitted = "-" if rep is None else f"{rep['admitted']} of {rep['pool']}"
         lines.append(f"| {r} | {info['sample']['sft']} | {info['sample']['dpo']} | {info['sample']['discard']} | "

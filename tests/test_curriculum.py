@@ -149,3 +149,20 @@ def test_resuming_with_another_config_is_refused(local_run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "images_per_prompt" in err[0]
     assert tree_digest(local_run) == before
+
+
+def test_training_rows_carry_the_reencoded_pictures(local_run):
+    """data.reencode_images (default): an SFT row's tokens are the VQ tokens of the picture its sampled tokens
+    decode to, not the sampled tokens themselves."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from gapray.config import load_model
+    model = load_model(OmegaConf.create({"path": "tiny", "dtype": "float32", "device": "cpu"}))
+    sampled = {(r["prompt_id"], r["sample_idx"]): r["image_tokens"]
+               for r in VerdictLedger(local_run / "ledger").read(0).to_pylist()}
+    sft = pq.read_table(local_run / "data" / "round=0" / "sft.parquet").to_pylist()
+    assert sft
+    tokens = torch.tensor([sampled[(r["prompt_id"], r["sample_idx"])] for r in sft])
+    assert [r["image_tokens"] for r in sft] == model.reencode(tokens).tolist()
+    assert [r["image_tokens"] for r in sft] != tokens.tolist()

@@ -14,6 +14,14 @@ Optionally the DPO rows carry reference log-probs (sum over image tokens of the 
 (a local model, or the Serve replicas through gapray.data.pipeline.serve_reference), so the trainer needs
 no reference model. The reference is whatever policy that function runs: the serving policy of the round.
 
+Image tokens: as sampled, or (`reencode`) those of the decoded picture, VQ-encoded again. A sampled sequence
+is one of many that decode to about the same picture, most of them ones the VQ encoder never produces (for
+the shapes model 65% of the tokens differ); a trainer that reads images, as the paper's does, sees the
+encoder's. jobs/probe_sft.py measures what training on each does.
+
+Poor supervision on purpose (issue 7's co-degradation check): `corrupt_verdicts` turns a share of the
+verdicts over (flip) or replaces them by a coin (noise) before they are planned; the ledger keeps the truth.
+
 Memory: the plan (which image goes where) is made from the ledger's scalar columns; image tokens are read
 a chunk of prompts at a time. Output rows are ordered by (prompt_id, sample_idx), whatever the layout of
 the ledger's part files, so the same verdicts always give the same files.
@@ -35,7 +43,12 @@ import torch
 
 from gapray.data.ledger import VerdictLedger
 from gapray.data.schemas import DISCARD_SCHEMA, DPO_SCHEMA, SFT_SCHEMA
+from gapray.models.sampler import derive_seed
 
+# a ledger table -> the same rows with other verdicts (corrupt_verdicts)
+Verdicts = Callable[[pa.Table], pa.Table]
+# sampled image tokens -> the tokens training reads: those of the decoded picture (UnifiedModel.reencode)
+Reencode = Callable[[list[list[int]]], list[list[int]]]
 # (prompts, image tokens) -> one summed conditional log-prob per image
 Reference = Callable[[list[str], list[list[int]]], list[float]]
 PLAN_COLUMNS = ["prompt_id", "task", "prompt", "sample_idx", "p_aligned", "verdict"]
@@ -83,6 +96,26 @@ def plan_round(table: pa.Table, min_margin: float = 0.0) -> list[PromptPlan]:
     return [plan_prompt(groups[pid], min_margin) for pid in sorted(groups)]
 
 
+def corrupt_verdicts(table: pa.Table, mode: str, rate: float, seed: int, threshold: float = 0.5) -> pa.Table:
+    """A judge made worse on purpose: each row is corrupted with probability `rate`, decided by a hash of
+    (seed, prompt_id, sample_idx) alone, so a resumed or re-read round corrupts the same rows.
+    flip: verdict 1 <-> 0, p_aligned -> 1 - p_aligned; noise: p_aligned ~ U(0, 1), verdict = p >= threshold.
+    Unparsed rows (verdict null) stay unparsed."""
+    if mode == "none" or rate == 0:
+        return table
+    verdict, p = table.column("verdict").to_pylist(), table.column("p_aligned").to_pylist()
+    for i, (pid, j) in enumerate(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist())):
+        coin, draw = np.random.default_rng(derive_seed(seed, "corrupt", pid, j)).random(2)
+        if verdict[i] is None or coin >= rate:
+            continue
+        p[i] = 1.0 - p[i] if mode == "flip" else float(draw)
+        verdict[i] = 1 - verdict[i] if mode == "flip" else int(p[i] >= threshold)
+    for name, values in (("verdict", verdict), ("p_aligned", p)):
+        field = table.schema.field(name)
+        table = table.set_column(table.column_names.index(name), field, pa.array(values, field.type))
+    return table
+
+
 @torch.inference_mode()
 def conditional_logprobs(model, prompts: list[str], tokens) -> list[float]:
     """Sum over image tokens of log p(token | prompt, earlier tokens): the DPO reference log-prob."""
@@ -101,11 +134,15 @@ def local_reference(model, batch_size: int = 8) -> Reference:
 
 
 def build_preference_data(ledger: VerdictLedger, round: int, out_dir: str | Path, *, min_margin: float = 0.0,
-                          reference: Reference | None = None, prompts_per_chunk: int = 512) -> dict:
-    """Write sft/dpo/discard.parquet for one round of the ledger; returns counts. Files appear atomically."""
+                          reference: Reference | None = None, verdicts: Verdicts | None = None,
+                          reencode: Reencode | None = None, prompts_per_chunk: int = 512) -> dict:
+    """Write sft/dpo/discard.parquet for one round of the ledger; returns counts. Files appear atomically.
+    `verdicts`, if given, replaces the ledger's verdicts before planning (corrupt_verdicts); `reencode`, if
+    given, maps the sampled tokens of the images used to the tokens the rows carry."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plans = plan_round(ledger.read(round, PLAN_COLUMNS), min_margin)
+    table = ledger.read(round, PLAN_COLUMNS)
+    plans = plan_round(table if verdicts is None else verdicts(table), min_margin)
     tmp = {name: out_dir / f".{name}.parquet.{os.getpid()}.tmp" for name in OUTPUTS}
     writers = {name: pq.ParquetWriter(tmp[name], schema) for name, schema in OUTPUTS.items()}
     counts = {"prompts": len(plans), "images": sum(p.n_images for p in plans), "sft": 0, "dpo": 0, "discard": 0}
@@ -113,6 +150,9 @@ def build_preference_data(ledger: VerdictLedger, round: int, out_dir: str | Path
         for start in range(0, len(plans), prompts_per_chunk):
             chunk = plans[start:start + prompts_per_chunk]
             tokens = _chunk_tokens(ledger, round, chunk)
+            if reencode is not None and tokens:
+                keys = list(tokens)
+                tokens = dict(zip(keys, reencode([tokens[k] for k in keys])))
             sft = [_sft_row(round, p, idx, pa_, tokens) for p in chunk for idx, pa_ in p.accepted]
             dpo = [_dpo_row(round, p, tokens) for p in chunk if p.pair is not None]
             if reference is not None and dpo:

@@ -41,6 +41,14 @@ class UnifiedModel(ABC):
         """(B, T) image tokens -> (B, H, W, 3) uint8 RGB."""
 
     @abstractmethod
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 RGB -> (B, T) image tokens: the inverse of decode, up to quantisation."""
+
+    def reencode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens of the picture that `tokens` decode to: what a trainer that reads images would see."""
+        return self.encode_images(self.decode(tokens))
+
+    @abstractmethod
     def score(self, prompts: list[str], images: np.ndarray, mode: str = "logits") -> ScoreOutput:
         """Self-judgement of (prompt, image) pairs with the verdict question."""
 

@@ -55,6 +55,14 @@ def image_token_logprobs(model: JanusForConditionalGeneration, input_ids: torch.
     return logp.gather(-1, tokens[..., None]).squeeze(-1)
 
 
+def vq_nearest_codes(vq, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Janus' VQ encoder on pixels in [-1, 1] -> (l2-normalised latents (B, h, w, D), the l2-normalised codebook,
+    codes (B, h, w)): the nearest code on the unit sphere, the lookup decode reads (LlamaGen's VQ)."""
+    z = torch.nn.functional.normalize(vq.quant_conv(vq.encoder(pixels)).permute(0, 2, 3, 1), dim=-1)
+    codebook = torch.nn.functional.normalize(vq.quantize.embedding.weight, dim=-1)
+    return z, codebook, (z @ codebook.T).argmax(-1)  # max cosine = min distance between unit vectors
+
+
 class JanusModel(UnifiedModel):
     def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor):
         self.model = model.eval()
@@ -123,6 +131,19 @@ class JanusModel(UnifiedModel):
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
         pix = self.model.decode_image_tokens(tokens.to(self.device)).float()
         return ((pix.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()  # not inference_mode: the tokens may index embeddings in a training step
+    def encode_images(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+        """VQ encoder, then the nearest code under the l2-normalised lookup that decode uses (LlamaGen's VQ,
+        Janus' image tokenizer). transformers' JanusVQVAE.encode compares unnormalised vectors, which picks
+        other codes than the ones decode reads: not used here."""
+        vq = self.model.model.vqmodel
+        out = []
+        for i in range(0, len(images), batch):
+            pixels = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(self.device)
+            pixels = pixels.permute(0, 3, 1, 2).to(self.model.dtype) / 127.5 - 1
+            out.append(vq_nearest_codes(vq, pixels)[2].flatten(1).cpu())
+        return torch.cat(out)
 
     # ---- understanding ----------------------------------------------------------------------------
     def verdict_text(self, prompt: str) -> str:

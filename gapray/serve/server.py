@@ -5,6 +5,8 @@ What it supports
     prompt and seed only, so dynamic batching never changes an image);
   - `score(prompt, image_tokens, mode, return_images)`: decode the images and ask the verdict question;
   - `logprobs(prompts, image_tokens)`: conditional log-prob sums (reference log-probs for DPO);
+  - `decode(image_tokens)` (pixels, for report grids) and `reencode(image_tokens)` (the decoded pictures'
+    VQ tokens, for training data): so the driver needs no model of its own;
   - `@serve.batch` on sample and score, with the batch size counted in model rows (a guided image is two
     rows: cond + uncond), so `max_batch_size` bounds memory whatever the request sizes;
   - weight reload in place through `reconfigure(user_config={"checkpoint": dir, "policy_version": v})`:
@@ -269,6 +271,13 @@ class ModelServer:
         async with self._lock:
             images = await asyncio.to_thread(self.model.decode, tokens)
         return {"images": images}
+
+    async def reencode(self, image_tokens) -> dict:
+        """The tokens of the pictures image tokens decode to (decode, then the VQ encoder): training data."""
+        tokens = torch.as_tensor(np.atleast_2d(np.asarray(image_tokens, dtype=np.int64)))
+        async with self._lock:
+            out = await asyncio.to_thread(self.model.reencode, tokens)
+        return {"image_tokens": out.numpy()}
 
     async def stats(self) -> dict:
         """Batches formed so far, as (requests, model rows): what tests and benchmarks inspect."""

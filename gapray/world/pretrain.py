@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from gapray.models import JanusModel, SamplingParams
 from gapray.models.builders import build_janus
+from gapray.models.janus import vq_nearest_codes
 from gapray.verdict import ANSWER_PREFIX
 from gapray.world.grammar import load_world_prompts
 from gapray.world.oracle import judge
@@ -67,19 +68,14 @@ def render_batch(rows: list[dict], rng: np.random.Generator) -> np.ndarray:
 # ---- stage 1: VQ tokenizer --------------------------------------------------------------------------
 def vq_quantize(vq, pixels: torch.Tensor):
     """Encoder -> nearest l2-normalised code. Returns (straight-through latents, codes, codebook loss)."""
-    z = F.normalize(vq.quant_conv(vq.encoder(pixels)).permute(0, 2, 3, 1), dim=-1)  # (B, h, w, D)
-    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
-    codes = (z @ codebook.T).argmax(-1)  # max cosine = min distance between unit vectors
+    z, codebook, codes = vq_nearest_codes(vq, pixels)
     q = codebook[codes]
     loss = F.mse_loss(q, z.detach()) + 0.25 * F.mse_loss(z, q.detach())
     return (z + (q - z).detach()).permute(0, 3, 1, 2), codes, loss
 
 
-@torch.no_grad()
-def tokenize(model: JanusModel, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    vq = model.model.model.vqmodel
-    out = [vq_quantize(vq, to_pixels(images[i:i + batch]))[1].flatten(1) for i in range(0, len(images), batch)]
-    return torch.cat(out)
+def tokenize(model: JanusModel, images: np.ndarray) -> torch.Tensor:
+    return model.encode_images(images)
 
 
 def train_vq(model: JanusModel, rows: list[dict], steps: int, batch: int = 16, lr: float = 2e-3, seed: int = 0,
