@@ -139,6 +139,23 @@ def test_job_submit_succeeds_and_reports_through_the_dashboard(submitted):
     assert sft in metric_values(seen, "ray_gapray_run_sft_samples")  # the driver's gauge carries the real count
 
 
+def test_serve_replicas_reencode_the_training_images(submitted):
+    """backend=ray: the SFT rows carry the pictures' VQ tokens, re-encoded by the Serve replicas."""
+    import pyarrow.parquet as pq
+    import torch
+    from omegaconf import OmegaConf
+
+    from gapray.config import load_model
+    from gapray.data.ledger import VerdictLedger
+    run_dir = submitted["run_dir"]
+    sampled = {(r["prompt_id"], r["sample_idx"]): r["image_tokens"]
+               for r in VerdictLedger(run_dir / "ledger").read(0).to_pylist()}
+    sft = pq.read_table(run_dir / "data" / "round=0" / "sft.parquet").to_pylist()
+    tokens = torch.tensor([sampled[(r["prompt_id"], r["sample_idx"])] for r in sft])
+    model = load_model(OmegaConf.create({"path": "tiny", "dtype": "float32", "device": "cpu"}))
+    assert sft and [r["image_tokens"] for r in sft] == model.reencode(tokens).tolist()
+
+
 def test_driver_killed_during_training_resumes_to_the_same_result(head, submitted, tmp_path):
     run_dir = tmp_path / "killed"
     checkpoints = run_dir / "checkpoints" / "round=0" / "a" / "checkpoints"
