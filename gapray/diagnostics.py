@@ -46,13 +46,8 @@ def prompt_loglik(jm: JanusModel, prompt: str, image: np.ndarray) -> torch.Tenso
     chat = jm.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}],
         add_generation_prompt=True)
-
-    def encode(text: str) -> dict:
-        enc = jm.processor(text=[text], images=[image], generation_mode="text", return_tensors="pt").to(jm.device)
-        enc["pixel_values"] = enc["pixel_values"].to(jm.model.dtype)
-        return enc
-    full = encode(f"{chat} {prompt}")
-    n_prefix = encode(chat).input_ids.shape[1]  # the turn without the answer: where the prompt starts
+    full = jm.understanding_inputs([f"{chat} {prompt}"], [image])
+    n_prefix = jm.understanding_inputs([chat], [image]).input_ids.shape[1]  # where the prompt starts
     logits = jm.model(**full).logits[0].float()
     ids = full.input_ids[0]
     logp = logits[n_prefix - 1:-1].log_softmax(-1)  # position i predicts token i + 1
@@ -62,8 +57,7 @@ def prompt_loglik(jm: JanusModel, prompt: str, image: np.ndarray) -> torch.Tenso
 def verdict_loglik(jm: JanusModel, prompt: str, image: np.ndarray, verdict: int) -> torch.Tensor:
     """log p(the verdict digit | image, verdict question, "The score is"), over the whole vocabulary."""
     text = f"{jm.verdict_text(prompt)} {ANSWER_PREFIX}"
-    enc = jm.processor(text=[text], images=[image], generation_mode="text", return_tensors="pt").to(jm.device)
-    enc["pixel_values"] = enc["pixel_values"].to(jm.model.dtype)
+    enc = jm.understanding_inputs([text], [image])
     one, zero = answer_token_ids(jm.tokenizer, text)
     logits = jm.model(**enc, logits_to_keep=1).logits[0, -1].float()
     return logits.log_softmax(-1)[one if verdict == 1 else zero]

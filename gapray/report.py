@@ -150,8 +150,6 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     """summary.json, report.md, plots/*.png and grids/{base,final}_<task>.png of a finished run."""
     import json
 
-    from omegaconf import OmegaConf
-
     from gapray.train.loop import read_metrics
 
     first, last = "0", str(cfg.rounds)
@@ -194,5 +192,4 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     lines += ["", "## Time per phase (s)", "", ", ".join(f"{k} {v}" for k, v in state.seconds.items()), ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     return summary

@@ -40,7 +40,7 @@ def build_variants(run_dir: Path, cfg, out_dir: Path) -> dict[str, int]:
     from gapray.data.ledger import VerdictLedger
     from gapray.data.schemas import SFT_SCHEMA
     from gapray.prompts import load_prompts
-    from gapray.world.pretrain import render_batch, tokenize
+    from gapray.world.pretrain import render_batch
 
     model = load_model(cfg.model)
     meta = {p.prompt_id: p.meta for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)}
@@ -57,8 +57,8 @@ def build_variants(run_dir: Path, cfg, out_dir: Path) -> dict[str, int]:
         tables[judge] = table(rows, sampled)
         tables[f"{judge}-reencoded"] = table(rows, model.reencode(sampled))
         if judge == "oracle":
-            tables["render"] = table(rows, tokenize(model, render_batch([meta[r["prompt_id"]] for r in rows],
-                                                                         np.random.default_rng(cfg.seed))))
+            renders = render_batch([meta[r["prompt_id"]] for r in rows], np.random.default_rng(cfg.seed))
+            tables["render"] = table(rows, model.encode_images(renders))
     for name, t in tables.items():
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         pq.write_table(t, out_dir / name / "sft.parquet")
@@ -66,19 +66,16 @@ def build_variants(run_dir: Path, cfg, out_dir: Path) -> dict[str, int]:
 
 
 def measure(cfg, model_path: str, k: int) -> dict:
+    """`gapray measure`'s local loop on the run's train prompts, `k` images each, with the run's sampling."""
     from omegaconf import OmegaConf
 
     from gapray.config import load_model
-    from gapray.measure import sample_and_score, summarize
-    from gapray.models import SamplingParams
+    from gapray.measure import measure_local, summarize
     from gapray.prompts import load_prompts
 
     model = load_model(OmegaConf.merge(cfg.model, {"path": model_path}))
     prompts = load_prompts(cfg.prompts, limit=cfg.max_prompts)
-    sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
-    rows = []
-    for i in range(0, len(prompts), 32):
-        rows += sample_and_score(model, prompts[i:i + 32], k, sampling, cfg.seed, cfg.scoring.mode, cfg.scoring.threshold)
+    rows = measure_local(OmegaConf.merge(cfg, {"images_per_prompt": k, "batch_prompts": 32}), model, prompts)
     s = summarize(rows)
     o = s["oracle"]["overall"]
     return {"gen": o["generation_accuracy"]["value"], "non": s["non_unification"],

@@ -203,10 +203,8 @@ def aggregate(cfg, summaries: dict, diagnostics: dict) -> dict:
     claims["c"] = {"by_mode": wins, "holds": bool(generation_only) and all(
         (wins[m]["pooled"] or 0) > 0.5 and (wins[m]["fewer_false_positives_share"] or 0) > 0.5 for m in generation_only)}
     claims["d"] = {m: {"admitted": counts[m]["replay_admitted"], "added": counts[m]["replay_added"],
-                       "gen_vs_no_replay": mean_std([
-                           (method_summary(summaries, m, s) or {}).get("overall", {}).get("gen", None) -
-                           method_summary(summaries, m[2:], s)["overall"]["gen"]
-                           for s in seeds if method_summary(summaries, m, s) and method_summary(summaries, m[2:], s)])}
+                       "gen_vs_no_replay": mean_std([per[(m, s)]["overall"]["gen"] - per[(m[2:], s)]["overall"]["gen"]
+                                                     for s in seeds if per[(m, s)] and per[(m[2:], s)]])}
                    for m in ("c-sft", "c-dpo") if m in cfg.modes and m[2:] in cfg.modes}
     corrupt = {"gen_delta": delta("corrupt", "gen"), "non_delta": delta("corrupt", "non"),
                "gate_precision": counts["corrupt"]["gate_precision"],
@@ -262,6 +260,7 @@ def run_diagnostic(cfg, run_cfg, run_dir: Path) -> list[dict]:
     from gapray.data.ledger import VerdictLedger
     from gapray.diagnostics import gradient_alignment
     from gapray.train.loop import freeze_for_training
+    from gapray.verdict import to_verdict
 
     rng = np.random.default_rng(run_cfg.seed)
     sft = pq.read_table(run_dir / "data" / "round=0" / "sft.parquet", columns=["prompt", "image_tokens"]).to_pylist()
@@ -292,7 +291,7 @@ def run_diagnostic(cfg, run_cfg, run_dir: Path) -> list[dict]:
         for i in range(0, len(base_rows), 64):
             chunk = base_rows[i:i + 64]
             p = jm.score([r["prompt"] for r in chunk], images[i:i + 64], mode=run_cfg.scoring.mode).p_aligned
-            verdicts += [int(x >= run_cfg.scoring.threshold) for x in p]
+            verdicts += [to_verdict(x, run_cfg.scoring.threshold) for x in p]
         correct = sum(v == r["oracle_verdict"] for v, r in zip(verdicts, base_rows))
         out.append({"epoch": epoch, **figures, "und_acc": correct / len(base_rows), "n_images": len(base_rows)})
         print(f"[diagnostic] seed {run_cfg.seed} epoch {epoch}: <g_gen, g_und(prompt)> {figures['prompt']['inner']:.4g}, "

@@ -14,7 +14,7 @@ from gapray.models.janus import image_token_logprobs
 from gapray.models.sampler import uncond_input_ids
 from gapray.world import load_world_prompts
 from gapray.world.pretrain import (Judged, answer_text, build_world_model, generation_loss, render_batch,
-                                   tokenize, understanding_loss)
+                                   understanding_loss)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,9 +33,9 @@ def test_vocabulary_covers_every_world_prompt(world):
     assert world.image_size == 32 and world.n_image_tokens == 64
 
 
-def test_tokenize_then_decode_is_image_sized(world):
+def test_encode_images_then_decode_is_image_sized(world):
     rows = load_world_prompts("train")[:5]
-    tokens = tokenize(world, render_batch(rows, np.random.default_rng(0)))
+    tokens = world.encode_images(render_batch(rows, np.random.default_rng(0)))
     assert tokens.shape == (5, 64) and tokens.dtype == torch.long
     assert 0 <= tokens.min() and tokens.max() < world.model.model.vqmodel.quantize.num_embeddings
     images = world.decode(tokens)
@@ -66,7 +66,7 @@ def test_generation_loss_drops_prompts_as_cfg_uncond_rows(world):
     """With p_uncond=1 every row is CFG's unconditional row: the loss is the NLL under those prompt ids."""
     rows = load_world_prompts("train")[:3]
     got = generation_loss(world, rows, np.random.default_rng(2), p_uncond=1.0)
-    tokens = tokenize(world, render_batch(rows, np.random.default_rng(2)))  # the same draws
+    tokens = world.encode_images(render_batch(rows, np.random.default_rng(2)))  # the same draws
     enc = world.generation_inputs([r["prompt"] for r in rows])
     ids = uncond_input_ids(enc["input_ids"], [world.bos_id, world.boi_id], world.pad_id)
     with torch.no_grad():

@@ -82,8 +82,8 @@ def test_corrupted_judge_trains_on_flipped_verdicts_and_the_gate_sees_them(out):
         assert pq.read_metadata(bad / "data" / "round=0" / "sft.parquet").num_rows == rejected
         gate = summary(out, s, "corrupt")["rounds_data"]["0"]["gate"]
         audited = [o for v, o in zip(a.column("verdict").to_pylist(), a.column("oracle_verdict").to_pylist()) if v == 0]
-        if len(audited) <= gate["audited"]:  # every flipped accept audited: the precision is exactly theirs
-            assert gate["right"] == sum(audited)
+        assert len(audited) == gate["audited"] < 64  # fewer than gate.audit_size: every flipped accept audited
+        assert gate["right"] == sum(audited) and gate["precision"] == pytest.approx(sum(audited) / len(audited))
         assert gate["fired"] == (gate["precision"] < 0.5)
 
 

@@ -15,8 +15,8 @@ Optionally the DPO rows carry reference log-probs (sum over image tokens of the 
 no reference model. The reference is whatever policy that function runs: the serving policy of the round.
 
 Image tokens: as sampled, or (`reencode`) those of the decoded picture, VQ-encoded again. A sampled sequence
-is one of many that decode to about the same picture, most of them ones the VQ encoder never produces (for
-the shapes model 65% of the tokens differ); a trainer that reads images, as the paper's does, sees the
+is not what the VQ encoder makes of its own picture (for the shapes model re-encoding changes 71% of the
+tokens); a trainer that reads images, as the paper's does, sees the
 encoder's. jobs/probe_sft.py measures what training on each does.
 
 Poor supervision on purpose (issue 7's co-degradation check): `corrupt_verdicts` turns a share of the

@@ -44,9 +44,10 @@ class UnifiedModel(ABC):
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """(B, H, W, 3) uint8 RGB -> (B, T) image tokens: the inverse of decode, up to quantisation."""
 
-    def reencode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tokens of the picture that `tokens` decode to: what a trainer that reads images would see."""
-        return self.encode_images(self.decode(tokens))
+    def reencode(self, tokens: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        """The tokens of the picture that `tokens` decode to: what a trainer that reads images would see.
+        `batch` images at a time: decode holds one batch of pixels in memory."""
+        return torch.cat([self.encode_images(self.decode(tokens[i:i + batch])) for i in range(0, len(tokens), batch)])
 
     @abstractmethod
     def score(self, prompts: list[str], images: np.ndarray, mode: str = "logits") -> ScoreOutput:

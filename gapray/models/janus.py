@@ -151,6 +151,13 @@ class JanusModel(UnifiedModel):
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": verdict_question(prompt)}]}],
             add_generation_prompt=True)
 
+    def understanding_inputs(self, texts: list[str], images) -> dict:
+        """Texts holding one <image_placeholder> each + their images -> model inputs (left-padded), on device."""
+        enc = self.processor(text=texts, images=list(images), generation_mode="text", padding=True,
+                             return_tensors="pt").to(self.device)
+        enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return enc
+
     @torch.inference_mode()
     def score(self, prompts: list[str], images: np.ndarray, mode: str = "logits",
               max_new_tokens: int = 16) -> ScoreOutput:
@@ -159,9 +166,7 @@ class JanusModel(UnifiedModel):
         texts = [self.verdict_text(p) for p in prompts]
         if mode == "logits":
             texts = [f"{t} {ANSWER_PREFIX}" for t in texts]
-        enc = self.processor(text=texts, images=list(images), generation_mode="text", padding=True,
-                             return_tensors="pt").to(self.device)
-        enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        enc = self.understanding_inputs(texts, images)
         if mode == "logits":
             if self._answer_ids is None:
                 self._answer_ids = answer_token_ids(self.tokenizer, texts[0])

@@ -138,7 +138,8 @@ def prepare_model(cfg: DictConfig, reference: str):
     jm = load_model(OmegaConf.merge(cfg.model, {"device": "cpu"}))  # engines move it to their device
     ref = None
     if cfg.objective == "dpo" and reference == "model":  # copied before any ZeRO-3 partitioning
-        frozen = copy.deepcopy(jm.model) if not cfg.get("reference_model") else \
+        same = cfg.get("reference_model") in (None, "", cfg.model.path)  # the starting model: copy, not reload
+        frozen = copy.deepcopy(jm.model) if same else \
             load_model(OmegaConf.merge(cfg.model, {"path": cfg.reference_model, "device": "cpu"})).model
         ref = ImageTokenLogprobs(frozen.requires_grad_(False).eval())
     params = freeze_for_training(jm.model, cfg.trainable)

@@ -74,10 +74,6 @@ def vq_quantize(vq, pixels: torch.Tensor):
     return (z + (q - z).detach()).permute(0, 3, 1, 2), codes, loss
 
 
-def tokenize(model: JanusModel, images: np.ndarray) -> torch.Tensor:
-    return model.encode_images(images)
-
-
 def train_vq(model: JanusModel, rows: list[dict], steps: int, batch: int = 16, lr: float = 2e-3, seed: int = 0,
              log=print) -> None:
     vq = model.model.model.vqmodel
@@ -118,7 +114,7 @@ def vq_round_trip_accuracy(model: JanusModel, rows: list[dict], n: int = 128, se
     """Share of VQ round trips of fresh renders that the oracle still accepts: the ceiling of Gen."""
     rng = np.random.default_rng(seed)
     picked = [rows[i] for i in rng.integers(0, len(rows), n)]
-    images = model.decode(tokenize(model, render_batch(picked, rng)))
+    images = model.decode(model.encode_images(render_batch(picked, rng)))
     return float(np.mean([judge(img, r) for img, r in zip(images, picked)]))
 
 
@@ -177,7 +173,7 @@ def judged_pool(model: JanusModel, rows: list[dict], rng: np.random.Generator, p
             subjects.append(r), metas.append(r)  # positive
             kinds = [m for ms in perturbations(r, rng).values() for m in ms]
             subjects.append(r), metas.append(kinds[rng.integers(len(kinds))])  # hard negative
-    tokens = tokenize(model, render_batch(metas, rng))
+    tokens = model.encode_images(render_batch(metas, rng))
     n_codes = model.model.model.vqmodel.quantize.num_embeddings
     corrupted = tokens[0::2].clone()  # from the positives: a few tokens replaced by random codes
     for row in corrupted:
@@ -253,7 +249,7 @@ def generation_loss(model: JanusModel, rows: list[dict], rng: np.random.Generato
     from gapray.models.janus import image_token_logprobs
     from gapray.models.sampler import uncond_input_ids
 
-    tokens = tokenize(model, render_batch(rows, rng))
+    tokens = model.encode_images(render_batch(rows, rng))
     enc = model.generation_inputs([r["prompt"] for r in rows])
     ids = enc["input_ids"]
     drop = torch.from_numpy(rng.random(len(rows)) < p_uncond)
