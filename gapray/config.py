@@ -50,7 +50,6 @@ class SamplingConfig:
 class ScoringConfig:
     mode: str = "logits"  # logits: P("1") vs P("0") after "The score is"; generate: parse a free answer
     threshold: float = 0.5  # verdict = p_aligned >= threshold
-    max_new_tokens: int = 16  # generate mode only
 
 
 @dataclass
@@ -295,6 +294,7 @@ class PretrainConfig:
     vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)
     init_from: Optional[str] = None  # start from this saved world model's weights, all of them (continue training)
     save_dtype: str = "float16"  # the shipped checkpoint's storage dtype (loads as float32)
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when there is one)
     threads: Optional[int] = None  # torch threads (None: torch's default). 1 is several times faster when
     # other processes load the cores: intra-op threads spin-wait on each other when descheduled.
     overwrite: bool = False
@@ -396,12 +396,18 @@ def _require(ok: bool, key: str, what: str) -> None:
         raise UserError(f"config key '{key}': {what}")
 
 
+def _check_device(key: str, device: str) -> None:
+    _require(device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", device) is not None,
+             key, f"'{device}' is not auto, cpu, cuda or cuda:N")
+
+
 def check_values(cfg: DictConfig) -> None:
     """Range and choice checks the type system cannot express."""
     if "model" in cfg:
         _choice("model.dtype", cfg.model.dtype, DTYPES)
-        _require(cfg.model.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.model.device) is not None,
-                 "model.device", f"'{cfg.model.device}' is not auto, cpu, cuda or cuda:N")
+        _check_device("model.device", cfg.model.device)
+    if OmegaConf.get_type(cfg) is PretrainConfig:
+        _check_device("device", cfg.device)
     if OmegaConf.get_type(cfg) is TrainConfig:  # its `data` is a path and its backends differ: own checks
         return check_train(cfg)
     if OmegaConf.get_type(cfg) is SelfImproveConfig:
@@ -418,7 +424,6 @@ def check_values(cfg: DictConfig) -> None:
     if "scoring" in cfg:
         _choice("scoring.mode", cfg.scoring.mode, SCORE_MODES)
         _require(0 <= cfg.scoring.threshold <= 1, "scoring.threshold", f"must be in [0, 1], got {cfg.scoring.threshold}")
-        _require(cfg.scoring.max_new_tokens >= 1, "scoring.max_new_tokens", "must be >= 1")
     if "images_per_prompt" in cfg:
         _require(cfg.images_per_prompt >= 1, "images_per_prompt", f"must be >= 1, got {cfg.images_per_prompt}")
     if "batch_prompts" in cfg:

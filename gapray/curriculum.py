@@ -199,12 +199,18 @@ class RayBackend:
         return rescore(self.cfg, rows, prompts, ledger, round, app_name=self.app, policy_version=self.policy_version)
 
     def decode(self, tokens):
-        from gapray.serve.server import handle
-        return handle(self.app).decode.remote(tokens.numpy()).result()["images"]
+        from gapray.data.pipeline import serve_decode
+        return serve_decode(self.app)(tokens)
 
     def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
+        from gapray.data.pipeline import call_all
         from gapray.serve.server import handle
-        return handle(self.app).reencode.remote(np.asarray(tokens)).result()["image_tokens"].tolist()
+
+        # one Serve batch a request, all sent at once (spread over the replicas); a lost one is sent again
+        n = self.cfg.serve.max_batch_size
+        calls = [(np.asarray(tokens[i:i + n], dtype=np.int64),) for i in range(0, len(tokens), n)]
+        answers = call_all(handle(self.app).reencode, calls, self.cfg.data.request_retries)
+        return [row for a in answers for row in a["image_tokens"].tolist()]
 
 
 def _tokens(rows: list[dict]) -> torch.Tensor:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gapray.config import load_model
+from gapray.config import check_model, load_model
 from gapray.data.schemas import to_table
 from gapray.errors import UserError
 from gapray.metrics import by_task, non_unification, oracle_figures
@@ -123,26 +123,37 @@ def run_measure(cfg: DictConfig) -> dict:
     prompts = load_prompts(cfg.prompts, task=cfg.task, limit=cfg.max_prompts)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.overwrite)
-    model = load_model(cfg.model)  # before any directory is made: a failed start leaves nothing behind
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # backend=ray: the Serve replicas load the model (a Janus-Pro-7B need not fit where the driver runs);
+    # here only its path is checked. backend=local: loaded before any directory is made, so that a failed
+    # start leaves nothing behind.
+    if cfg.backend == "ray":
+        check_model(cfg.model)
+        model = None
+    else:
+        model = load_model(cfg.model)
     t0 = time.perf_counter()
+    summary = {}
+
+    def write_outputs(rows: list[dict], decode) -> None:
+        """verdicts.parquet, summary.json, config.yaml, grids/ (`decode`: image tokens -> RGB arrays)."""
+        seconds = time.perf_counter() - t0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "verdicts.parquet", lambda p: pq.write_table(to_table(rows), p))
+        summary.update({**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
+                        "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
+                        "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,
+                        "seed": cfg.seed, "seconds": round(seconds, 2),
+                        "images_per_second": round(len(rows) / seconds, 3) if seconds else None})
+        write_atomic(run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
+
+        from gapray.report import write_verdict_grids
+        write_verdict_grids(decode, rows, run_dir / "grids", cfg.grid_prompts)
+
     if cfg.backend == "ray":
         from gapray.data.pipeline import measure_ray
-        rows = measure_ray(cfg, prompts)
+        measure_ray(cfg, prompts, write_outputs)
     else:
-        rows = measure_local(cfg, model, prompts)
-    seconds = time.perf_counter() - t0
-
-    write_atomic(run_dir / "verdicts.parquet", lambda p: pq.write_table(to_table(rows), p))
-    summary = {**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
-               "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
-               "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,
-               "seed": cfg.seed, "seconds": round(seconds, 2),
-               "images_per_second": round(len(rows) / seconds, 3) if seconds else None}
-    write_atomic(run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
-    write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
-
-    from gapray.report import write_verdict_grids
-    write_verdict_grids(model.decode, rows, run_dir / "grids", cfg.grid_prompts)
+        write_outputs(measure_local(cfg, model, prompts), model.decode)
     return summary
 

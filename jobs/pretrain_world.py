@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     rows = load_world_prompts("train")
     dev = [rows[i] for i in np.random.default_rng(cfg.seed).choice(len(rows), cfg.dev_prompts, replace=False)]
-    model = build_world_model(cfg.seed)
+    model = build_world_model(cfg.seed, cfg.device)
     t0 = time.perf_counter()
     if cfg.init_from:  # continue an earlier run: every weight, tokenizer included
         model.model.load_state_dict(JanusModel.from_pretrained(cfg.init_from).model.state_dict())

@@ -158,7 +158,12 @@ def test_killed_replica_is_replaced_and_the_round_is_exact(app, local, prompts, 
     assert {r["policy_version"] for r in rows} == {0}
 
 
-def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny_dir, local, tmp_path):
+def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny, tiny_dir, local, tmp_path, monkeypatch):
+    import gapray.measure
+    from gapray.report import write_verdict_grids
+
+    # the Serve replicas hold the model; the driver must not load it (a Janus-Pro-7B need not fit there)
+    monkeypatch.setattr(gapray.measure, "load_model", lambda cfg: pytest.fail("backend=ray loaded the model"))
     want, threshold = local
     rc = main(["measure", f"model={tiny_dir}", f"prompts={SAMPLE}", f"images_per_prompt={K}", f"seed={SEED}",
                "batch_prompts=3", f"scoring.threshold={threshold}", "backend=ray", f"run_dir={tmp_path}",
@@ -170,3 +175,7 @@ def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny_dir, local, 
     got = sorted(pq.read_table(tmp_path / "verdicts.parquet").to_pylist(), key=key)
     assert [r["image_tokens"] for r in got] == [r["image_tokens"] for r in want]
     np.testing.assert_allclose([r["p_aligned"] for r in got], [r["p_aligned"] for r in want], rtol=1e-5)
+    # the grids, decoded by a replica, are the pictures the model's own decode gives
+    ours = write_verdict_grids(tiny.decode, pq.read_table(tmp_path / "verdicts.parquet").to_pylist(),
+                               tmp_path / "local_grids", MeasureConfig.grid_prompts)
+    assert ours and [p.read_bytes() for p in ours] == [(tmp_path / "grids" / p.name).read_bytes() for p in ours]

@@ -293,6 +293,12 @@ def serve_reference(app_name: str, max_rows: int, retries: int) -> Reference:
     return reference
 
 
+def serve_decode(app_name: str):
+    """Image tokens -> RGB arrays, decoded by a ModelServer replica (the grids of a run or a measure)."""
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+    return lambda tokens: handle.decode.remote(np.asarray(tokens)).result()["images"]
+
+
 def init_ray(cfg, log_to_driver: bool = False) -> bool:
     """Attach to the running Ray, or start a local one bound to 127.0.0.1; True if started here.
     `log_to_driver`: show the output of Ray tasks and actors (a driver actor's progress) in this process."""
@@ -324,11 +330,13 @@ def init_ray(cfg, log_to_driver: bool = False) -> bool:
     return True
 
 
-def measure_ray(cfg, prompts: list[Prompt]) -> list[dict]:
+def measure_ray(cfg, prompts: list[Prompt], write_outputs) -> None:
     """`gapray measure backend=ray`: the verdict rows of measure_local, computed by Serve + Ray Data.
 
     Deploys its own ModelServer app for cfg.model (handles only, no HTTP route), streams the verdicts
-    back, and removes the app (and the Ray instance, if it started one) when done.
+    back, calls `write_outputs(rows, decode)` while the app still serves (its replicas decode the grids'
+    images: this process never loads the model), then removes the app (and the Ray instance, if it
+    started one).
     """
     started = init_ray(cfg)
     app_name = f"{cfg.serve.app_name}-measure"
@@ -344,10 +352,11 @@ def measure_ray(cfg, prompts: list[Prompt]) -> list[dict]:
                 meters.update(batch.column("verdict").to_pylist())
                 rows += batch.drop_columns(["round", "policy_version"]).to_pylist()
                 bar.update(batch.num_rows)
+        order = {p.prompt_id: i for i, p in enumerate(prompts)}
+        rows.sort(key=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
+        write_outputs(rows, serve_decode(app_name))
     finally:
         if deployed:
             serve.delete(app_name)
         if started:
             ray.shutdown()
-    order = {p.prompt_id: i for i, p in enumerate(prompts)}
-    return sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample_idx"]))

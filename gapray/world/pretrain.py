@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from gapray.models import JanusModel, SamplingParams
 from gapray.models.builders import build_janus
-from gapray.models.janus import vq_nearest_codes
+from gapray.models.janus import resolve_device, vq_nearest_codes
 from gapray.verdict import ANSWER_PREFIX
 from gapray.world.grammar import load_world_prompts
 from gapray.world.oracle import judge
@@ -52,9 +52,9 @@ def world_words() -> list[str]:
     return [r["prompt"] for split in ("train", "eval") for r in load_world_prompts(split)]
 
 
-def build_world_model(seed: int = 0) -> JanusModel:
+def build_world_model(seed: int = 0, device: str = "cpu") -> JanusModel:
     model, processor = build_janus(world_words(), seed=seed, **WORLD_ARCH)
-    return JanusModel(model, processor)
+    return JanusModel(model.to(resolve_device(device)), processor)
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -81,11 +81,11 @@ def train_vq(model: JanusModel, rows: list[dict], steps: int, batch: int = 16, l
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    usage = torch.zeros(vq.quantize.num_embeddings)
+    usage = torch.zeros(vq.quantize.num_embeddings, device=vq.device)
     t0 = time.perf_counter()
     for step in range(steps):
         images = render_batch([rows[i] for i in rng.integers(0, len(rows), batch)], rng)
-        x = to_pixels(images)
+        x = to_pixels(images).to(vq.device)
         zq, codes, q_loss = vq_quantize(vq, x)
         rec = vq.decoder(vq.post_quant_conv(zq))
         # background is the per-image median colour; pixels away from it are object pixels
@@ -207,8 +207,7 @@ def understanding_loss(model: JanusModel, pool: Judged, idx: np.ndarray, format_
     gradient clipping, dominated by the generation loss, all but erases it: understanding then stays at
     chance.)"""
     texts = [model.verdict_text(pool.prompts[i]) + answer_text(model, int(pool.labels[i])) for i in idx]
-    enc = model.processor(text=texts, images=list(pool.images[idx]), generation_mode="text", padding=True,
-                          return_tensors="pt")
+    enc = model.understanding_inputs(texts, pool.images[idx])
     answer = model.tokenizer.encode(answer_text(model, 1), add_special_tokens=False)
     n = len(answer)
     digit = answer.index(model.tokenizer.convert_tokens_to_ids("1"))
@@ -216,7 +215,7 @@ def understanding_loss(model: JanusModel, pool: Judged, idx: np.ndarray, format_
     logits = model.model(**enc, logits_to_keep=n + 1).logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), enc["input_ids"][:, -n:].reshape(-1),
                          reduction="none").view(len(idx), n)
-    weights = torch.full((n,), format_weight)
+    weights = torch.full((n,), format_weight, device=ce.device)
     weights[digit] = 1.0
     return (ce * weights).sum(1).mean()  # the digit's cross-entropy + format_weight x each format token's
 
@@ -234,8 +233,7 @@ def caption_loss(model: JanusModel, pool: Judged, idx: np.ndarray) -> torch.Tens
     texts = [model.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_REQUEST}]}],
         add_generation_prompt=True) + f" {pool.prompts[i]}{model.tokenizer.eos_token}" for i in idx]
-    enc = model.processor(text=texts, images=list(pool.images[idx]), generation_mode="text", padding=True,
-                          return_tensors="pt")
+    enc = model.understanding_inputs(texts, pool.images[idx])
     labels = torch.full_like(enc["input_ids"], -100)
     for row, i in enumerate(idx):  # left padding: each caption is the last len(caption) tokens of its row
         n = len(model.tokenizer.encode(f" {pool.prompts[i]}{model.tokenizer.eos_token}", add_special_tokens=False))
@@ -252,9 +250,9 @@ def generation_loss(model: JanusModel, rows: list[dict], rng: np.random.Generato
     tokens = model.encode_images(render_batch(rows, rng))
     enc = model.generation_inputs([r["prompt"] for r in rows])
     ids = enc["input_ids"]
-    drop = torch.from_numpy(rng.random(len(rows)) < p_uncond)
+    drop = torch.from_numpy(rng.random(len(rows)) < p_uncond).to(ids.device)
     ids = torch.where(drop[:, None], uncond_input_ids(ids, [model.bos_id, model.boi_id], model.pad_id), ids)
-    return -image_token_logprobs(model.model, ids, enc["attention_mask"], tokens).mean()
+    return -image_token_logprobs(model.model, ids, enc["attention_mask"], tokens.to(ids.device)).mean()
 
 
 def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -> dict:
