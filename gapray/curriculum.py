@@ -53,7 +53,7 @@ from gapray.config import SelfImproveConfig, TrainConfig, check_values, load_mod
 from gapray.data.ledger import VerdictLedger
 from gapray.data.preference import OUTPUTS, build_preference_data, corrupt_verdicts
 from gapray.errors import UserError
-from gapray.measure import sample_and_score_images, summarize, verdict_rows
+from gapray.measure import judge_samples, sample_and_score_images, summarize
 from gapray.metrics import by_task, win_rate
 from gapray.models import SampleOutput, SamplingParams
 from gapray.models.sampler import derive_seed
@@ -154,10 +154,8 @@ class LocalBackend:
             chunk = todo[start:start + 64]
             flat = [by_id[r["prompt_id"]] for r in chunk]
             out = SampleOutput(tokens=_tokens(chunk), logprobs=_logprobs(chunk), seeds=[r["seed"] for r in chunk])
-            images = self.model.decode(out.tokens)
-            judged = self.model.score([p.prompt for p in flat], images, mode=self.cfg.scoring.mode)
-            added += self._write(ledger, round, verdict_rows(flat, [r["sample_idx"] for r in chunk], out, images,
-                                                             judged, self.cfg.scoring.threshold))
+            added += self._write(ledger, round, judge_samples(self.model, flat, [r["sample_idx"] for r in chunk], out,
+                                                              self.cfg.scoring.mode, self.cfg.scoring.threshold))
         return added
 
     def decode(self, tokens):

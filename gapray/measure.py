@@ -56,6 +56,12 @@ def sample_and_score_images(model: UnifiedModel, todo: list[tuple[Prompt, list[i
     sample_idx = [j for _, idx in todo for j in idx]
     seeds = [image_seed(seed, p.prompt_id, j) for p, j in zip(flat, sample_idx)]
     out = model.sample([p.prompt for p in flat], 1, sampling, seeds)  # per-row seeds: batching changes nothing
+    return judge_samples(model, flat, sample_idx, out, score_mode, threshold)
+
+
+def judge_samples(model: UnifiedModel, flat: list[Prompt], sample_idx: list[int], out: SampleOutput,
+                  score_mode: str = "logits", threshold: float = 0.5) -> list[dict]:
+    """Decode sampled images (drawn now, or read back from a ledger) and judge them with the model."""
     images = model.decode(out.tokens)
     judged = model.score([p.prompt for p in flat], images, mode=score_mode)
     return verdict_rows(flat, sample_idx, out, images, judged, threshold)
