@@ -201,14 +201,8 @@ class RayBackend:
         return serve_decode(self.app)(tokens)
 
     def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
-        from gapray.data.pipeline import call_all
-        from gapray.serve.server import handle
-
-        # one Serve batch a request, all sent at once (spread over the replicas); a lost one is sent again
-        n = self.cfg.serve.max_batch_size
-        calls = [(np.asarray(tokens[i:i + n], dtype=np.int64),) for i in range(0, len(tokens), n)]
-        answers = call_all(handle(self.app).reencode, calls, self.cfg.data.request_retries)
-        return [row for a in answers for row in a["image_tokens"].tolist()]
+        from gapray.data.pipeline import serve_reencode
+        return serve_reencode(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)(tokens)
 
 
 def _tokens(rows: list[dict]) -> torch.Tensor:

@@ -138,28 +138,26 @@ def run_measure(cfg: DictConfig) -> dict:
     else:
         model = load_model(cfg.model)
     t0 = time.perf_counter()
-    summary = {}
 
-    def write_outputs(rows: list[dict], decode) -> None:
+    def write_outputs(rows: list[dict], decode) -> dict:
         """verdicts.parquet, summary.json, config.yaml, grids/ (`decode`: image tokens -> RGB arrays)."""
         seconds = time.perf_counter() - t0
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "verdicts.parquet", lambda p: pq.write_table(to_table(rows), p))
-        summary.update({**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
-                        "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
-                        "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,
-                        "seed": cfg.seed, "seconds": round(seconds, 2),
-                        "images_per_second": round(len(rows) / seconds, 3) if seconds else None})
+        summary = {**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
+                   "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
+                   "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,
+                   "seed": cfg.seed, "seconds": round(seconds, 2),
+                   "images_per_second": round(len(rows) / seconds, 3) if seconds else None}
         write_atomic(run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
         write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
 
         from gapray.report import write_verdict_grids
         write_verdict_grids(decode, rows, run_dir / "grids", cfg.grid_prompts)
+        return summary
 
     if cfg.backend == "ray":
         from gapray.data.pipeline import measure_ray
-        measure_ray(cfg, prompts, write_outputs)
-    else:
-        write_outputs(measure_local(cfg, model, prompts), model.decode)
-    return summary
+        return measure_ray(cfg, prompts, write_outputs)
+    return write_outputs(measure_local(cfg, model, prompts), model.decode)
 

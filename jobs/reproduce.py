@@ -261,6 +261,7 @@ def run_diagnostic(cfg, run_cfg, run_dir: Path) -> list[dict]:
     from gapray.diagnostics import gradient_alignment
     from gapray.train.loop import freeze_for_training
     from gapray.verdict import to_verdict
+    from gapray.world.pretrain import decode_batched
 
     rng = np.random.default_rng(run_cfg.seed)
     sft = pq.read_table(run_dir / "data" / "round=0" / "sft.parquet", columns=["prompt", "image_tokens"]).to_pylist()
@@ -281,8 +282,7 @@ def run_diagnostic(cfg, run_cfg, run_dir: Path) -> list[dict]:
     for epoch, path in ckpts:
         jm = load_model(OmegaConf.merge(run_cfg.model, {"path": path}))
         if images is None:  # the VQ decoder is never trained: decode once
-            images = np.concatenate([jm.decode(torch.tensor([r["image_tokens"] for r in base_rows[i:i + 64]]))
-                                     for i in range(0, len(base_rows), 64)])
+            images = decode_batched(jm, torch.tensor([r["image_tokens"] for r in base_rows]), batch=64)
             by_key = {(r["prompt_id"], r["sample_idx"]): images[i] for i, r in enumerate(base_rows)}
             heldout = [{**r, "image": by_key[(r["prompt_id"], r["sample_idx"])]} for r in heldout]
         params = freeze_for_training(jm.model, run_cfg.train.trainable)

@@ -154,6 +154,7 @@ def test_serve_replicas_reencode_the_training_images(submitted):
     tokens = torch.tensor([sampled[(r["prompt_id"], r["sample_idx"])] for r in sft])
     model = load_model(OmegaConf.create({"path": "tiny", "dtype": "float32", "device": "cpu"}))
     assert sft and [r["image_tokens"] for r in sft] == model.reencode(tokens).tolist()
+    assert [r["image_tokens"] for r in sft] != tokens.tolist()  # re-encoding changed them: the check has teeth
 
 
 def test_driver_killed_during_training_resumes_to_the_same_result(head, submitted, tmp_path):

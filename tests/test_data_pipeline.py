@@ -158,6 +158,16 @@ def test_killed_replica_is_replaced_and_the_round_is_exact(app, local, prompts, 
     assert {r["policy_version"] for r in rows} == {0}
 
 
+def test_replicas_reencode_in_slices_in_order(app, local, tiny):
+    """serve_reencode: 10 images in requests of 3 (the last one short) come back in order, equal to the
+    model's own re-encoding, i.e. what the local backend writes into training rows."""
+    from gapray.data.pipeline import serve_reencode
+
+    tokens = [r["image_tokens"] for r in local[0][:10]]
+    got = serve_reencode(APP, max_rows=3, retries=0)(tokens)
+    assert got == tiny.reencode(torch.tensor(tokens)).tolist() and got != tokens
+
+
 def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny, tiny_dir, local, tmp_path, monkeypatch):
     import gapray.measure
     from gapray.report import write_verdict_grids

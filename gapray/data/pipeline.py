@@ -293,6 +293,17 @@ def serve_reference(app_name: str, max_rows: int, retries: int) -> Reference:
     return reference
 
 
+def serve_reencode(app_name: str, max_rows: int, retries: int):
+    """Image tokens -> the tokens of their decoded pictures (UnifiedModel.reencode) by the ModelServer replicas,
+    `max_rows` images a request, all sent at once (spread over the replicas), a lost one sent again."""
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+
+    def reencode(tokens: list[list[int]]) -> list[list[int]]:
+        calls = [(np.asarray(tokens[i:i + max_rows], dtype=np.int64),) for i in range(0, len(tokens), max_rows)]
+        return [row for a in call_all(handle.reencode, calls, retries) for row in a["image_tokens"].tolist()]
+    return reencode
+
+
 def serve_decode(app_name: str):
     """Image tokens -> RGB arrays, decoded by a ModelServer replica (the grids of a run or a measure)."""
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
@@ -330,13 +341,13 @@ def init_ray(cfg, log_to_driver: bool = False) -> bool:
     return True
 
 
-def measure_ray(cfg, prompts: list[Prompt], write_outputs) -> None:
+def measure_ray(cfg, prompts: list[Prompt], write_outputs):
     """`gapray measure backend=ray`: the verdict rows of measure_local, computed by Serve + Ray Data.
 
     Deploys its own ModelServer app for cfg.model (handles only, no HTTP route), streams the verdicts
     back, calls `write_outputs(rows, decode)` while the app still serves (its replicas decode the grids'
     images: this process never loads the model), then removes the app (and the Ray instance, if it
-    started one).
+    started one). Returns what write_outputs returned.
     """
     started = init_ray(cfg)
     app_name = f"{cfg.serve.app_name}-measure"
@@ -354,7 +365,7 @@ def measure_ray(cfg, prompts: list[Prompt], write_outputs) -> None:
                 bar.update(batch.num_rows)
         order = {p.prompt_id: i for i, p in enumerate(prompts)}
         rows.sort(key=lambda r: (order[r["prompt_id"]], r["sample_idx"]))
-        write_outputs(rows, serve_decode(app_name))
+        return write_outputs(rows, serve_decode(app_name))
     finally:
         if deployed:
             serve.delete(app_name)
