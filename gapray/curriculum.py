@@ -402,7 +402,7 @@ class CurriculumDriver:
     def _verdicts(self, phase: str, r: int):
         """The verdicts training data is built from: the model's own (None), or corrupted on purpose."""
         c = self.cfg.corrupt_judge
-        if c.mode == "none" or c.rate == 0:
+        if c.mode == "none":
             return None
         seed = derive_seed(self.cfg.seed, "corrupt", phase, r)
         return lambda table: corrupt_verdicts(table, c.mode, c.rate, seed, self.cfg.scoring.threshold)

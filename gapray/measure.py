@@ -5,7 +5,8 @@ model the verdict question about each, and record one row per image. Outputs in 
   verdicts.parquet  one row per image (schema: gapray.data.schemas.VERDICT_SCHEMA)
   summary.json      non-unification overall and per task, with counts and 95% Wilson intervals; when
                     the prompts come from the shapes world, also the oracle's figures (generation
-                    accuracy, understanding accuracy, weak-generation rate), per task and overall
+                    accuracy, understanding accuracy, weak-generation rate), per task and overall,
+                    and GenEval's overall score (the mean of the per-task generation accuracies)
   grids/<task>.png  images with their verdicts drawn on them
 
 `sample_and_score` is the unit of work of the local loop; `verdict_rows` builds its rows, and the Ray
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from gapray.config import check_model, load_model
 from gapray.data.schemas import to_table
 from gapray.errors import UserError
-from gapray.metrics import by_task, non_unification, oracle_figures
+from gapray.metrics import by_task, geneval_score, non_unification, oracle_figures
 from gapray.models import SampleOutput, SamplingParams, ScoreOutput, UnifiedModel
 from gapray.models.sampler import derive_seed
 from gapray.prompts import Prompt, load_prompts
@@ -93,6 +94,7 @@ def summarize(rows: list[dict]) -> dict:
     summary = {"non_unification": nu["overall"]["value"], "overall": nu["overall"], "per_task": nu["per_task"]}
     if any(r["oracle_verdict"] is not None for r in rows):
         summary["oracle"] = by_task(rows, oracle_figures)
+        summary["oracle"]["geneval_score"] = geneval_score(summary["oracle"]["per_task"])
     return summary
 
 

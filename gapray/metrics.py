@@ -2,7 +2,8 @@
 
 - non-unification: share of a model's own generations that its own understanding rejects;
 - weak-generation rate: P(external judge rejects | model rejects);
-- generation accuracy: share of generations the external judge accepts (GenEval's "Gen.");
+- generation accuracy: share of generations the external judge accepts, per task and over all images;
+- GenEval score: GenEval's own "Gen." overall, the mean over tasks of each task's generation accuracy;
 - understanding accuracy: share of the model's verdicts on its own images that agree with the judge;
 - understanding win rate: on the base model's images, where the base and the improved model disagree,
   the share where the improved model agrees with the judge (the base model scores 50 by definition);
@@ -58,6 +59,16 @@ def oracle_figures(rows: list[dict]) -> dict:
         "weak_generation_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_rejected), len(self_rejected)),
         "false_acceptance_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_accepted), len(self_accepted)),
     }
+
+
+def geneval_score(per_task: dict) -> dict:
+    """GenEval's overall score from `by_task(rows, oracle_figures)["per_task"]`: the unweighted mean over
+    tasks of each task's image accuracy (GenEval's evaluation/summary_scores.py), so a task with many
+    prompts counts no more than one with few. The image-weighted share is `generation_accuracy` overall;
+    the two differ whenever the tasks differ in size. Tasks with no judged image are left out."""
+    accs = {t: f["generation_accuracy"]["value"] for t, f in per_task.items()
+            if f["generation_accuracy"]["value"] is not None}
+    return {"value": sum(accs.values()) / len(accs) if accs else None, "n_tasks": len(accs)}
 
 
 def win_rate(rows: list[dict]) -> dict:

@@ -70,6 +70,11 @@ def test_oracle_figures_for_world_prompts(run):
     rejected = [r for r in rows if r["verdict"] == 0]
     assert o["weak_generation_rate"]["n"] == len(rejected)
     assert o["weak_generation_rate"]["k"] == sum(r["oracle_verdict"] == 0 for r in rejected)
+    tasks = {r["task"] for r in rows}
+    by_hand = sum(sum(r["oracle_verdict"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows)
+                  for t in tasks) / len(tasks)
+    geneval = json.loads((run / "summary.json").read_text())["oracle"]["geneval_score"]
+    assert geneval["n_tasks"] == len(tasks) and geneval["value"] == pytest.approx(by_hand)
 
 
 def test_grids_one_png_per_task(run):

@@ -57,6 +57,12 @@ def test_generation_has_room_to_improve(summary):
     assert 0.25 <= overall(summary, "generation_accuracy") <= 0.75
 
 
+@pytest.mark.xfail(strict=True, reason=NOT_MET.format("15.9% (the mean of the six tasks' accuracies)"))
+def test_geneval_score_has_room_to_improve(summary):
+    """GenEval's own overall (the mean over tasks): color_attr, 56% of the eval images, weighs one sixth."""
+    assert 0.25 <= summary["oracle"]["geneval_score"]["value"] <= 0.75
+
+
 @pytest.mark.xfail(strict=True, reason=NOT_MET.format("67.6%"))
 def test_understanding_judges_its_own_generations(summary):
     assert overall(summary, "understanding_accuracy") >= 0.85

@@ -57,3 +57,14 @@ def test_oracle_figures_by_hand():
     assert (f["understanding_accuracy"]["k"], f["understanding_accuracy"]["n"]) == (3, 5)
     assert (f["weak_generation_rate"]["k"], f["weak_generation_rate"]["n"]) == (2, 3)
     assert (f["false_acceptance_rate"]["k"], f["false_acceptance_rate"]["n"]) == (1, 2)
+
+
+def test_geneval_score_is_the_mean_over_tasks_not_over_images():
+    from gapray.metrics import by_task, geneval_score, oracle_figures
+
+    # task a: 3 of 4 images right, task b: 0 of 1, task c: no judged image (left out)
+    rows = [{"task": "a", "verdict": 1, "oracle_verdict": v} for v in (1, 1, 1, 0)]
+    rows += [{"task": "b", "verdict": 0, "oracle_verdict": 0}, {"task": "c", "verdict": 1, "oracle_verdict": None}]
+    figures = by_task(rows, oracle_figures)
+    assert figures["overall"]["generation_accuracy"]["value"] == 3 / 5
+    assert geneval_score(figures["per_task"]) == {"value": (3 / 4 + 0 / 1) / 2, "n_tasks": 2}

@@ -175,25 +175,31 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
     # one block per batch of prompts: blocks are what Ray Data hands to different actors
     blocks = [table.slice(i, cfg.batch_prompts) for i in range(0, table.num_rows, cfg.batch_prompts)]
     sampling = OmegaConf.to_container(cfg.sampling) if OmegaConf.is_config(cfg.sampling) else dict(cfg.sampling)
-    common = dict(max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries)
-    pool = dict(compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency), num_cpus=cfg.data.num_cpus,
-                batch_format="pyarrow", zero_copy_batch=True)
     ds = ray.data.from_arrow(blocks)
     ds.context.enable_progress_bars = False  # the callers show one bar in images; Ray Data's own flood job logs
-    sampled = ds.map_batches(SampleStage, batch_size=cfg.batch_prompts, **pool,
+    sampled = ds.map_batches(SampleStage, batch_size=cfg.batch_prompts, **_actor_pool(cfg),
                              fn_constructor_kwargs=dict(app_name=app_name, sampling=sampling,
-                                                        seed=cfg.seed if seed is None else seed, **common))
+                                                        seed=cfg.seed if seed is None else seed, **_requests(cfg)))
     return score_stage(sampled, cfg, app_name, round, ledger_root)
 
 
 def score_stage(ds: ray.data.Dataset, cfg, app_name: str, round: int, ledger_root: str | None) -> ray.data.Dataset:
     """SAMPLED rows -> verdict rows, judged by the Serve app (an actor pool of ScoreStage)."""
-    return ds.map_batches(ScoreStage, batch_size=None, compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency),
-                          num_cpus=cfg.data.num_cpus, batch_format="pyarrow", zero_copy_batch=True,
+    return ds.map_batches(ScoreStage, batch_size=None, **_actor_pool(cfg),
                           fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode,
                                                      threshold=cfg.scoring.threshold, round=round,
-                                                     max_rows=cfg.serve.max_batch_size,
-                                                     retries=cfg.data.request_retries, ledger_root=ledger_root))
+                                                     ledger_root=ledger_root, **_requests(cfg)))
+
+
+def _actor_pool(cfg) -> dict:
+    """How every pipeline stage runs: data.concurrency actors, Arrow batches handed over without a copy."""
+    return dict(compute=ray.data.ActorPoolStrategy(size=cfg.data.concurrency), num_cpus=cfg.data.num_cpus,
+                batch_format="pyarrow", zero_copy_batch=True)
+
+
+def _requests(cfg) -> dict:
+    """How every stage calls Serve: at most serve.max_batch_size model rows per request, resent on a lost replica."""
+    return dict(max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries)
 
 
 class _Meters:
