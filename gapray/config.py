@@ -290,7 +290,11 @@ class PretrainConfig:
     lm_lr: float = 1e-3
     self_generated_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
     self_generated_k: int = 2
-    dev_prompts: int = 48  # train-split prompts for progress checks (the eval split is never touched)
+    self_generated_prompts: int = 512  # train prompts (task-balanced draw) whose own generations join the pool
+    pool_prompts: int = 2000  # train prompts (task-balanced draw) rendered for the understanding pool
+    gen_weight: float = 1.0  # weight of the generation loss (a small generation budget keeps the gap real)
+    checks: int = 4  # progress checks (dev figures + a saved model) per run
+    dev_prompts: int = 60  # the dev set (grammar.dev_split of train) for progress checks; held out of training
     vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)
     init_from: Optional[str] = None  # start from this saved world model's weights, all of them (continue training)
     save_dtype: str = "float16"  # the shipped checkpoint's storage dtype (loads as float32)

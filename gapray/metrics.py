@@ -53,11 +53,18 @@ def oracle_figures(rows: list[dict]) -> dict:
     both = [r for r in judged if r["verdict"] is not None]
     self_rejected = [r for r in both if r["verdict"] == 0]
     self_accepted = [r for r in both if r["verdict"] == 1]
+    tpr = rate(sum(r["verdict"] == 1 for r in both if r["oracle_verdict"] == 1), sum(r["oracle_verdict"] == 1 for r in both))
+    tnr = rate(sum(r["verdict"] == 0 for r in both if r["oracle_verdict"] == 0), sum(r["oracle_verdict"] == 0 for r in both))
     return {
         "generation_accuracy": rate(sum(r["oracle_verdict"] == 1 for r in judged), len(judged)),
         "understanding_accuracy": rate(sum(r["verdict"] == r["oracle_verdict"] for r in both), len(both)),
         "weak_generation_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_rejected), len(self_rejected)),
         "false_acceptance_rate": rate(sum(r["oracle_verdict"] == 0 for r in self_accepted), len(self_accepted)),
+        # accuracy that a judge which rejects (or accepts) everything cannot game: the mean of the rates at
+        # which it accepts the right images and rejects the wrong ones (None when either class is absent)
+        "understanding_balanced_accuracy": {
+            "value": (tpr["value"] + tnr["value"]) / 2 if tpr["n"] and tnr["n"] else None,
+            "true_acceptance": tpr, "true_rejection": tnr},
     }
 
 

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     from gapray.config import CONF_DIR, PretrainConfig, load_config
     from gapray.models import JanusModel
     from gapray.errors import UserError
-    from gapray.world.grammar import load_world_prompts
+    from gapray.world.grammar import dev_split, load_world_prompts
     from gapray.world.pretrain import build_world_model, train_lm, train_vq, vq_round_trip_accuracy
 
     try:
@@ -45,8 +45,7 @@ def main(argv: list[str]) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rows = load_world_prompts("train")
-    dev = [rows[i] for i in np.random.default_rng(cfg.seed).choice(len(rows), cfg.dev_prompts, replace=False)]
+    rows, dev = dev_split(load_world_prompts("train"), cfg.dev_prompts)  # dev: for progress checks only
     model = build_world_model(cfg.seed, cfg.device)
     t0 = time.perf_counter()
     if cfg.init_from:  # continue an earlier run: every weight, tokenizer included
@@ -84,7 +83,8 @@ def main(argv: list[str]) -> int:
     if cfg.lm_steps > 0:
         train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
                  self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
-                 dev_rows=dev, seed=cfg.seed, log=log, on_dev_check=save)
+                 dev_rows=dev, seed=cfg.seed, log=log, on_dev_check=save, pool_prompts=cfg.pool_prompts,
+                 self_generated_prompts=cfg.self_generated_prompts, gen_weight=cfg.gen_weight, checks=cfg.checks)
     if saved_at[-1:] != [cfg.lm_steps]:  # the last progress check, at the last step, saved it already
         save()
     return 0

@@ -27,7 +27,7 @@ def world():
 
 def test_vocabulary_covers_every_world_prompt(world):
     unk = world.tokenizer.unk_token_id
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "composition"):
         for row in load_world_prompts(split):
             assert unk not in world.tokenizer.encode(row["prompt"]), row["prompt"]
     assert world.image_size == 32 and world.n_image_tokens == 64

@@ -1,58 +1,46 @@
 """
-Prompt grammar of the shapes world, and its deterministic train / eval split.
+Prompt grammar of the shapes world (v2), and its three seeded splits.
 
 Every prompt is one row of GenEval's metadata schema (djghosh13/geneval,
 prompts/create_prompts.py), plus our own stable "prompt_id":
 
     single_object  include [{class: A, count: 1}]                       "a photo of a circle"
     two_object     include [{A, 1}, {B, 1}]                             "a photo of a circle and a square"
-    counting       include [{A, N}]  exclude [{A, N+1}]                 "a photo of three circles"
+    counting       include [{A, N, color?: C}]  exclude [{A, N+1}]      "a photo of three (red) circles"
     colors         include [{A, 1, color: C}]                           "a photo of a red circle"
-    position       include [{A, 1}, {B, 1, position: [REL, 0]}]         "a photo of a B REL a A"
+    position       include [{A, 1, color?}, {B, 1, color?, position: [REL, 0]}]
+                                                                        "a photo of a (red) B REL a (blue) A"
     color_attr     include [{A, 1, color: C1}, {B, 1, color: C2}]       "a photo of a C1 A and a C2 B"
 
-As in GenEval: the two objects of a two-object prompt are different shapes, the two colours
-of a color_attr prompt are different colours, counting uses N in 2..4 (N = 1 would be the
-single_object prompt again) with number words and plurals ("crosses"), and "position" names
-the object it is relative to by its index in "include".
+As in GenEval: the two objects of a two-object prompt are different shapes, the two colours of a
+color_attr prompt are different colours, counting uses N in 2..4 with number words and plurals
+("crosses"), and "position" names the object it is relative to by its index in "include". Beyond
+GenEval, as T2I-CompBench's numeracy and spatial prompts do, counting and position prompts may also
+bind colours (counting: one colour for the group; position: a colour on both objects, the same colour
+allowed): they are the bulk of the prompt space, so that bindings recur across many prompt texts.
 
 Vocabulary (closed; defined in render.py next to how it is drawn, re-exported here):
-    SHAPES    circle, square, triangle, cross. All four are drawn axis-aligned with a square
-              bounding box and differ in their coarse mass distribution, which survives blur, noise
-              and 8x8 block artefacts at 10-20 px: a square fills its box, a circle leaves its
-              corners partly empty, a cross leaves them fully empty (its mass sits on the two axes),
-              and a triangle's mass sits low in its box. The oracle reads exactly these differences
-              as whole-object moments (oracle.py). No rotation: a rotated square would be a diamond,
-              a rotated cross an "x". Shapes with thin parts (lines, rings, stars) are avoided
-              because blur at 10 px erases them.
-    COLORS    red, green, blue, yellow, purple, white on a near-black background: six hues at least
-              154 RGB units apart from each other (blue-purple the closest) and 177 from the
-              background, far beyond noise of sigma 12 or a colour shift of 20.
+    SHAPES    circle, square, triangle, cross: axis-aligned, a square bounding box, told apart by
+              their coarse mass distribution (oracle.py); what survives blur and 8x8 blocks at 8 px.
+    COLORS    red, green, blue, yellow, purple, white on a near-black background.
     RELATIONS left of, right of, above, below (image coordinates: "above" = nearer the top).
+The space has 2,260 distinct prompts (4 + 12 + 84 + 24 + 1,776 + 360; prompt_space()).
 
-Split rule (train vs held-out eval), exactly:
-  1. No prompt text is in both splits, and no prompt text appears twice inside a split.
-  2. (colour, shape) bindings are partitioned: a seeded set H_cs of 8 of the 24 bindings (each
-     shape loses exactly 2 colours; each colour is held out for 1 or 2 shapes) appears only in eval.
-     A colors prompt is in eval iff its binding is in H_cs. A color_attr prompt is in eval iff BOTH
-     its bindings are in H_cs, in train iff NEITHER is; prompts with one binding on each side are
-     not used. So no (colour, shape) binding occurs in both splits, across all tasks.
-  3. two_object: the unordered shape pair {A, B} is the key; 2 of the 6 pairs (disjoint, so all
-     four shapes occur in eval) are eval-only. Both word orders of a pair go to the same split.
-  4. position: the key is the scene up to converse, (axis, left-or-top shape, right-or-bottom
-     shape), so "a circle left of a square" and "a square right of a circle" share one key; 4 of
-     the 12 ordered shape pairs per axis (8 of 24 keys) are eval-only.
-  5. counting: one (shape, count) per shape is eval-only, the counts chosen so 2, 3 and 4 all
-     occur in eval.
-  6. single_object has only 4 distinct prompts, so they cannot be in both splits: 2 shapes go to
-     train, 2 to eval (each shape still occurs in both splits through the other tasks).
-Everything the split needs (which bindings, pairs, scenes, counts are held out, and the order of
-rows) is drawn from numpy's default_rng(seed). The vocabulary has only 460 distinct prompts in
-all (4 + 12 + 12 + 24 + 48 + 360), and rule 2 discards the color_attr prompts that straddle the
-split, so with seed 0 the splits are 230 train / 78 eval prompts (see split_sizes()).
+Splits (make_prompts), everything drawn from numpy's default_rng(seed):
+  composition  the stress test: a seeded set of HELDOUT_BINDINGS (colour, shape) bindings, one per
+               shape and each with a different colour, is held out of train and eval altogether; the
+               composition split is up to EVAL_PER_TASK prompts per task among the prompts naming at
+               least one of them (tasks that bind no colour have none). The other prompts naming a
+               held-out binding are used nowhere.
+  eval         the main held-out split (the paper's regime, as T2I-CompBench++'s train and evaluation
+               prompts): a seeded random sample, per task, of the remaining prompts: a quarter of each
+               task, at least 2 and at most EVAL_PER_TASK prompts. Disjoint prompt texts over a shared
+               vocabulary: eval's bindings, pairs and scenes all recur in train, in other prompts.
+  train        everything else. A dev set for choices is drawn from train (dev_split), never from eval.
+Rows are shuffled inside each task; prompt ids are "<split>-<index>".
 
 CLI: python -m gapray.world.grammar --seed 0 --out gapray/world/data
-writes train.jsonl and eval.jsonl (one json.dumps row a line, like GenEval's metadata file).
+writes train.jsonl, eval.jsonl and composition.jsonl (one json.dumps row a line, like GenEval's metadata).
 """
 
 import argparse
@@ -67,13 +55,13 @@ from .render import COLORS, RELATIONS, SHAPES  # the vocabulary is defined next 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
 COUNTS = (2, 3, 4)  # counting task, as in GenEval (max_count=4)
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "composition")
 
-# how much each rule holds out (see the module docstring); change here, not in the code below
-HELDOUT_COLORS_PER_SHAPE = 2
-HELDOUT_SHAPE_PAIRS = 2
-HELDOUT_SCENES_PER_AXIS = 4
-HELDOUT_SINGLE = 2
+# the split's sizes (see the module docstring); change here, not in the code below
+HELDOUT_BINDINGS = 4  # (colour, shape) bindings only the composition split names
+EVAL_FRACTION = 0.25  # of each task's prompts, clipped to [EVAL_MIN, EVAL_PER_TASK]
+EVAL_MIN = 2
+EVAL_PER_TASK = 48
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -102,10 +90,18 @@ def two_object(a, b):
             "prompt": f"a photo of {with_article(a)} and {with_article(b)}"}
 
 
-def counting(a, n):
-    return {"tag": "counting", "include": [{"class": a, "count": n}],
+def _item(cls, count=1, color=None):
+    return {"class": cls, "count": count} if color is None else {"class": cls, "count": count, "color": color}
+
+
+def _coloured(word, color):
+    return word if color is None else f"{color} {word}"
+
+
+def counting(a, n, c=None):
+    return {"tag": "counting", "include": [_item(a, n, c)],
             "exclude": [{"class": a, "count": n + 1}],
-            "prompt": f"a photo of {NUMBERS[n]} {plural(a)}"}
+            "prompt": f"a photo of {NUMBERS[n]} {_coloured(plural(a), c)}"}
 
 
 def colors(a, c):
@@ -113,11 +109,11 @@ def colors(a, c):
             "prompt": f"a photo of {with_article(c)} {a}"}
 
 
-def position(a, rel, b):
-    # "a photo of a B REL a A": B is REL of object 0 (A), as GenEval writes it
+def position(a, rel, b, ca=None, cb=None):
+    # "a photo of a B REL a A": B is REL of object 0 (A), as GenEval writes it; colours on both or neither
     return {"tag": "position",
-            "include": [{"class": a, "count": 1}, {"class": b, "count": 1, "position": [rel, 0]}],
-            "prompt": f"a photo of {with_article(b)} {rel} {with_article(a)}"}
+            "include": [_item(a, 1, ca), {**_item(b, 1, cb), "position": [rel, 0]}],
+            "prompt": f"a photo of {with_article(_coloured(b, cb))} {rel} {with_article(_coloured(a, ca))}"}
 
 
 def color_attr(a, c1, b, c2):
@@ -127,87 +123,62 @@ def color_attr(a, c1, b, c2):
 
 
 # -----------------------------------------------------------------------------
-# the keys the split rule is stated in (also used by the tests to check it)
 
 def bindings(row):
     """The (colour, shape) bindings a prompt names."""
     return {(it["color"], it["class"]) for it in row["include"] if "color" in it}
 
 
-def pairing_key(row):
-    """The key that decides the split of a two-object prompt (None for other tasks)."""
-    tag, inc = row["tag"], row["include"]
-    if tag == "two_object":
-        return ("pair",) + tuple(sorted((inc[0]["class"], inc[1]["class"])))
-    if tag == "position":
-        a, b, rel = inc[0]["class"], inc[1]["class"], inc[1]["position"][0]
-        axis, b_first = _REL_AXIS[rel]
-        return ("scene", axis) + ((b, a) if b_first else (a, b))
-    if tag == "color_attr":
-        return ("bindings",) + tuple(sorted(bindings(row)))
-    return None
-
-
-# -----------------------------------------------------------------------------
-
-def make_prompts(seed=0):
-    """Returns (train, eval): lists of GenEval metadata rows with "prompt_id", deterministic in seed."""
-    rng = np.random.default_rng(seed)
-    shapes, ncol = list(SHAPES), len(COLORS)
-
-    # draw every held-out set first, in a fixed order, so the split depends on the seed only
-    single_eval = {shapes[i] for i in rng.permutation(len(shapes))[:HELDOUT_SINGLE]}
-    p = [shapes[i] for i in rng.permutation(len(shapes))]
-    pair_eval = {tuple(sorted(p[2 * k:2 * k + 2])) for k in range(HELDOUT_SHAPE_PAIRS)}  # disjoint pairs
-    cperm = list(rng.permutation(len(COUNTS)))
-    cperm += list(rng.permutation(len(COUNTS)))  # 4 shapes, 3 counts: every count held out at least once
-    count_eval = {(shapes[i], COUNTS[cperm[i]]) for i in range(len(shapes))}
-    colp, shp = rng.permutation(ncol), rng.permutation(len(shapes))
-    h = HELDOUT_COLORS_PER_SHAPE
-    held_cs = {(COLORS[colp[(h * i + k) % ncol]], shapes[shp[i]]) for i in range(len(shapes)) for k in range(h)}
-    ordered = list(permutations(shapes, 2))  # 12 ordered (first, second) pairs per axis
-    scene_eval = set()
-    for axis in ("x", "y"):
-        for i in rng.choice(len(ordered), size=HELDOUT_SCENES_PER_AXIS, replace=False):
-            scene_eval.add(("scene", axis) + ordered[i])
-
-    def split_of(row):
-        tag = row["tag"]
-        if tag == "single_object":
-            return "eval" if row["include"][0]["class"] in single_eval else "train"
-        if tag == "two_object":
-            return "eval" if pairing_key(row)[1:] in pair_eval else "train"
-        if tag == "counting":
-            it = row["include"][0]
-            return "eval" if (it["class"], it["count"]) in count_eval else "train"
-        if tag == "position":
-            return "eval" if pairing_key(row) in scene_eval else "train"
-        held = [bd in held_cs for bd in bindings(row)]  # colors, color_attr
-        return "eval" if all(held) else "train" if not any(held) else None
-
-    # enumerate the whole grammar, task by task
-    every = {
+def prompt_space():
+    """{task: every distinct row of that task}, in a fixed order."""
+    shapes, ordered = list(SHAPES), list(permutations(SHAPES, 2))
+    return {
         "single_object": [single_object(a) for a in shapes],
         "two_object": [two_object(a, b) for a, b in ordered],
-        "counting": [counting(a, n) for a in shapes for n in COUNTS],
+        "counting": [counting(a, n, c) for a in shapes for n in COUNTS for c in (None, *COLORS)],
         "colors": [colors(a, c) for a in shapes for c in COLORS],
-        "position": [position(a, rel, b) for a, b in ordered for rel in RELATIONS],
+        "position": [position(a, rel, b, ca, cb) for a, b in ordered for rel in RELATIONS
+                     for ca, cb in [(None, None), *((x, y) for x in COLORS for y in COLORS)]],
         "color_attr": [color_attr(a, c1, b, c2) for a, b in ordered for c1, c2 in permutations(COLORS, 2)],
     }
-    out = {"train": [], "eval": []}
-    for tag in TASKS:
-        rows = {"train": [], "eval": []}
-        for row in every[tag]:
-            s = split_of(row)
-            if s is not None:
-                rows[s].append(row)
-        for s in SPLITS:
-            order = rng.permutation(len(rows[s]))
-            out[s].extend(rows[s][i] for i in order)
+
+
+def heldout_bindings(seed=0):
+    """The composition split's bindings: one per shape, each with a different colour."""
+    rng = np.random.default_rng(seed)
+    colours = rng.permutation(len(COLORS))[:HELDOUT_BINDINGS]
+    shapes = rng.permutation(len(SHAPES))[:HELDOUT_BINDINGS]
+    return {(COLORS[c], SHAPES[s]) for c, s in zip(colours, shapes)}
+
+
+def make_prompts(seed=0):
+    """{split: list of GenEval metadata rows with "prompt_id"} for SPLITS, deterministic in seed."""
+    held = heldout_bindings(seed)
+    rng = np.random.default_rng([seed, 1])
+    out = {s: [] for s in SPLITS}
+    for tag, rows in prompt_space().items():
+        novel = [r for r in rows if bindings(r) & held]
+        rest = [r for r in rows if not bindings(r) & held]
+        n_eval = int(np.clip(round(EVAL_FRACTION * len(rest)), EVAL_MIN, EVAL_PER_TASK))
+        order = rng.permutation(len(rest))
+        out["eval"] += [rest[i] for i in order[:n_eval]]
+        out["train"] += [rest[i] for i in order[n_eval:]]
+        out["composition"] += [novel[i] for i in rng.permutation(len(novel))[:EVAL_PER_TASK]]
     for s in SPLITS:
         for i, row in enumerate(out[s]):
             row["prompt_id"] = f"{s}-{i:05d}"
-    return out["train"], out["eval"]
+    return out
+
+
+def dev_split(rows, n, seed=0):
+    """(rest, dev): n train prompts drawn for choices (recipes, checkpoints), stratified by task."""
+    rng = np.random.default_rng([seed, 2])
+    by_task = {t: [i for i, r in enumerate(rows) if r["tag"] == t] for t in TASKS}
+    share = {t: len(ix) / len(rows) for t, ix in by_task.items()}
+    # every task gets at least one dev prompt where it can spare one; the rest in proportion
+    quota = {t: min(len(ix) - 1, max(1, round(share[t] * n))) for t, ix in by_task.items()}
+    picked = {i for t, ix in by_task.items() for i in rng.choice(ix, quota[t], replace=False)}
+    return [r for i, r in enumerate(rows) if i not in picked], [r for i, r in enumerate(rows) if i in picked]
 
 
 def _copy(row):
@@ -215,23 +186,29 @@ def _copy(row):
 
 
 def perturbations(row, rng):
-    """{kind: [perturbed rows]}: near-miss scenes that must NOT satisfy `row` (colour swapped, count +-1,
-    relation flipped, shape swapped). Hard negatives for training understanding and validating the oracle."""
+    """{kind: [perturbed rows]}: near-miss scenes that must NOT satisfy `row` under GenEval's rules (a colour
+    replaced or two colours swapped, one object fewer, for counting one more, the relation flipped, a shape
+    replaced). Hard negatives for training understanding and validating the oracle. (One object more is
+    not a negative outside counting: GenEval's include clause is "at least count".)"""
     out = {"color": [], "count": [], "relation": [], "shape": []}
     inc = row["include"]
-    if row["tag"] in ("colors", "color_attr"):
-        m = _copy(row)  # one colour replaced by another
-        i = int(rng.integers(len(inc)))
-        m["include"][i]["color"] = str(rng.choice([c for c in COLORS if c not in {it["color"] for it in inc}]))
+    coloured = [i for i, it in enumerate(inc) if "color" in it]
+    if coloured:
+        m = _copy(row)  # one colour replaced by a colour the prompt does not name
+        i = int(rng.choice(coloured))
+        m["include"][i]["color"] = str(rng.choice([c for c in COLORS if c not in {it.get("color") for it in inc}]))
         out["color"].append(m)
-        if row["tag"] == "color_attr":  # the two colours swapped between the objects
+        if len(coloured) == 2 and inc[0]["color"] != inc[1]["color"]:  # the two colours swapped
             m = _copy(row)
             m["include"][0]["color"], m["include"][1]["color"] = inc[1]["color"], inc[0]["color"]
             out["color"].append(m)
     if row["tag"] != "position":
-        for i, dn in ((0, +1), (len(inc) - 1, -1)):  # one object more, one fewer
+        m = _copy(row)  # one object fewer (of the last item)
+        m["include"][-1]["count"] -= 1
+        out["count"].append(m)
+        if "exclude" in row:  # counting is exact: one more is wrong too
             m = _copy(row)
-            m["include"][i]["count"] += dn
+            m["include"][0]["count"] += 1
             out["count"].append(m)
     if row["tag"] == "position":
         flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -243,7 +220,6 @@ def perturbations(row, rng):
         m["include"][i]["class"] = str(rng.choice([s for s in SHAPES if s not in {it["class"] for it in inc}]))
         out["shape"].append(m)
     return out
-
 
 
 def split_sizes(rows):
@@ -263,7 +239,7 @@ def read_jsonl(path):
 
 
 def load_world_prompts(split="train"):
-    """The shipped prompt rows of one split ("train" or "eval"), as a list of dicts."""
+    """The shipped prompt rows of one split (see SPLITS), as a list of dicts."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     return read_jsonl(os.path.join(DATA_DIR, f"{split}.jsonl"))
@@ -272,11 +248,10 @@ def load_world_prompts(split="train"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="write the shapes-world prompt splits (GenEval metadata JSONL)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=DATA_DIR, help="output folder for train.jsonl and eval.jsonl")
+    ap.add_argument("--out", default=DATA_DIR, help="output folder for the split files")
     args = ap.parse_args(argv)
-    train, eval_ = make_prompts(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    for name, rows in (("train", train), ("eval", eval_)):
+    for name, rows in make_prompts(args.seed).items():
         path = os.path.join(args.out, f"{name}.jsonl")
         write_jsonl(rows, path)
         sizes = " ".join(f"{t}={n}" for t, n in split_sizes(rows).items())

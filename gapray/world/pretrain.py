@@ -35,7 +35,7 @@ from gapray.models import JanusModel, SamplingParams
 from gapray.models.builders import build_janus
 from gapray.models.janus import resolve_device, vq_nearest_codes
 from gapray.verdict import ANSWER_PREFIX
-from gapray.world.grammar import load_world_prompts
+from gapray.world.grammar import SPLITS, load_world_prompts
 from gapray.world.oracle import judge
 from gapray.world.render import render
 
@@ -49,7 +49,7 @@ WORLD_ARCH = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=128, num_laye
 
 def world_words() -> list[str]:
     """The tokenizer's vocabulary: every word any world prompt (either split) can use."""
-    return [r["prompt"] for split in ("train", "eval") for r in load_world_prompts(split)]
+    return [r["prompt"] for split in SPLITS for r in load_world_prompts(split)]
 
 
 def build_world_model(seed: int = 0, device: str = "cpu") -> JanusModel:
@@ -63,6 +63,16 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 def render_batch(rows: list[dict], rng: np.random.Generator) -> np.ndarray:
     return np.stack([render(r, IMAGE_SIZE, rng) for r in rows])
+
+
+def task_balanced(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
+    """n rows drawn with replacement, each task equally likely (then a row of that task uniformly): position
+    prompts are most of the train split, but GenEval's score weighs every task alike."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["tag"], []).append(r)
+    groups = list(by_task.values())
+    return [groups[t][rng.integers(len(groups[t]))] for t in rng.integers(0, len(groups), n)]
 
 
 # ---- stage 1: VQ tokenizer --------------------------------------------------------------------------
@@ -84,7 +94,7 @@ def train_vq(model: JanusModel, rows: list[dict], steps: int, batch: int = 16, l
     usage = torch.zeros(vq.quantize.num_embeddings, device=vq.device)
     t0 = time.perf_counter()
     for step in range(steps):
-        images = render_batch([rows[i] for i in rng.integers(0, len(rows), batch)], rng)
+        images = render_batch(task_balanced(rows, batch, rng), rng)
         x = to_pixels(images).to(vq.device)
         zq, codes, q_loss = vq_quantize(vq, x)
         rec = vq.decoder(vq.post_quant_conv(zq))
@@ -113,7 +123,7 @@ def train_vq(model: JanusModel, rows: list[dict], steps: int, batch: int = 16, l
 def vq_round_trip_accuracy(model: JanusModel, rows: list[dict], n: int = 128, seed: int = 1) -> float:
     """Share of VQ round trips of fresh renders that the oracle still accepts: the ceiling of Gen."""
     rng = np.random.default_rng(seed)
-    picked = [rows[i] for i in rng.integers(0, len(rows), n)]
+    picked = task_balanced(rows, n, rng)
     images = model.decode(model.encode_images(render_batch(picked, rng)))
     return float(np.mean([judge(img, r) for img, r in zip(images, picked)]))
 
@@ -266,16 +276,24 @@ def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -
         out += sample_and_score(model, prompts[i:i + 32], k, SamplingParams(), seed)
     s = summarize(out)
     o = s["oracle"]["overall"]
-    return {"non_unification": s["non_unification"], "gen": o["generation_accuracy"]["value"],
-            "und": o["understanding_accuracy"]["value"], "weak_gen": o["weak_generation_rate"]["value"]}
+    fa = o["false_acceptance_rate"]["value"]
+    return {"non_unification": round(s["non_unification"], 3), "gen": o["generation_accuracy"]["value"],
+            "geneval": s["oracle"]["geneval_score"]["value"], "und": o["understanding_accuracy"]["value"],
+            "und_balanced": o["understanding_balanced_accuracy"]["value"],
+            "precision": None if fa is None else 1 - fa, "weak_gen": o["weak_generation_rate"]["value"]}
 
 
 def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 32, und_batch: int = 16,
              lr: float = 1e-3, self_generated_at: tuple[float, ...] = (0.5, 0.75), self_generated_k: int = 2,
-             dev_rows: list[dict] | None = None, seed: int = 0, log=print, on_dev_check=None) -> None:
+             dev_rows: list[dict] | None = None, seed: int = 0, log=print, on_dev_check=None,
+             pool_prompts: int = 2000, self_generated_prompts: int = 512, gen_weight: float = 1.0,
+             checks: int = 4) -> None:
     """Both objectives every step; the understanding pool grows with the model's own generations at the
-    given fractions of training, so the judge sees what the generator actually draws. `on_dev_check(step)`
-    runs after each of the four progress checks (the job saves the model there)."""
+    given fractions of training, so the judge sees what the generator actually draws. Prompts are drawn
+    task-balanced (pool_prompts for the render pool, self_generated_prompts x self_generated_k own images
+    per refresh). gen_weight scales the generation loss: a small generation budget beside a judge trained
+    to convergence is what gives the model a real internal gap. `on_dev_check(step)` runs after each of
+    the `checks` progress checks (the job saves the model there)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = [p for n, p in model.model.named_parameters() if ".vqmodel." not in n]
@@ -283,31 +301,32 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    pool = judged_pool(model, rows, rng)
+    pool = judged_pool(model, task_balanced(rows, pool_prompts, rng), rng, per_prompt=1)
     log(f"understanding pool: {len(pool.labels)} examples, {pool.labels.mean():.2f} positive")
     grow_at = {int(f * steps) for f in self_generated_at}
     t0 = time.perf_counter()
     for step in range(steps):
         if step in grow_at:
             model.model.eval()
-            own = self_generated_pool(model, rows, self_generated_k, seed=seed * 1000 + step)
+            picked = list({r["prompt_id"]: r for r in task_balanced(rows, self_generated_prompts, rng)}.values())
+            own = self_generated_pool(model, picked, self_generated_k, seed=seed * 1000 + step)
             pool = pool + own
             log(f"step {step}: + {len(own.labels)} own generations ({own.labels.mean():.2f} accepted by the oracle); "
                 f"pool {len(pool.labels)}, {pool.labels[pool.own].sum()} accepted own generations")
         model.model.train()
         model.model.model.vqmodel.eval()
-        loss_g = generation_loss(model, [rows[i] for i in rng.integers(0, len(rows), gen_batch)], rng)
+        loss_g = generation_loss(model, task_balanced(rows, gen_batch, rng), rng)
         loss_u = understanding_loss(model, pool, pool.batch(und_batch, rng))
         loss_c = caption_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
         opt.zero_grad()
-        (loss_g + loss_u + loss_c).backward()
+        (gen_weight * loss_g + loss_u + loss_c).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if (step + 1) % 50 == 0:
             log(f"lm step {step + 1}/{steps} gen {loss_g.item():.3f} und {loss_u.item():.3f} caption {loss_c.item():.3f} "
                 f"({time.perf_counter() - t0:.0f}s)")
-        if dev_rows and (step + 1) % max(1, steps // 4) == 0:
+        if dev_rows and (step + 1) % max(1, steps // checks) == 0:
             model.model.eval()
             log(f"dev (train prompts) at step {step + 1}: {dev_check(model, dev_rows)}")
             if on_dev_check is not None:

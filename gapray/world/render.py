@@ -12,8 +12,9 @@ none, so many different images satisfy one prompt. Assumptions and guarantees:
     (Chebyshev distance between centres >= (d1 + d2) / 2 + GAP), and keep a margin to the border.
   - "position": [REL, j] puts the object REL of the first object of item j with an offset along
     the relation axis of at least max(0.3 * size, what non-overlap needs) and a sideways offset of
-    at most half that, i.e. 3x the oracle's dead zone (0.1 * size) and well inside its 45-degree
-    cone (oracle.py), so the relation holds with a clear margin.
+    at most half that, so that GenEval's relative_position (oracle.py) holds with a clear margin:
+    the offset along the axis, shrunk by 0.1 x the two objects' sizes, stays above 0.5 of the
+    offset's length (tests/test_world.py checks it with boxes grown by a blur's worth).
   - Edges are anti-aliased: each pixel's coverage is computed on a 4x4 sub-pixel grid.
 The vocabulary (SHAPES, COLORS, RELATIONS), the palette and the shape geometry (inside()) live
 here: they are the world's definition of what things look like. The oracle derives its reference
