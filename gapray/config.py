@@ -133,6 +133,8 @@ class LossConfig:
     rpo_alpha: Optional[float] = None  # weight of the NLL on the chosen image (the paper's extra term); null: none
     average_logps: bool = False  # per-token mean log-probs in the DPO margin (576 tokens swamp sums); ipo always
     reference: str = "auto"  # data: dpo.parquet's ref_*_logp columns; model: a frozen copy; auto: data if complete
+    uncond_prob: float = 0.0  # sft: share of rows trained as CFG's unconditional row (prompt dropped), as in
+    # pretraining, so that guidance keeps its reference distribution; drawn per (seed, epoch, row)
 
 
 @dataclass
@@ -235,6 +237,8 @@ class SelfImproveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the base policy
     prompts: str = "gapray/world/data/train.jsonl"  # sampled, self-judged, trained on, replayed
     eval_prompts: str = "gapray/world/data/eval.jsonl"  # held out: measured before and after, never trained on
+    composition_prompts: Optional[str] = None  # a stress test measured beside eval_prompts and reported apart
+    # (the shapes world's composition split: bindings no train or eval prompt names); null: not measured
     max_prompts: Optional[int] = None
     max_eval_prompts: Optional[int] = None
     mode: str = "c-sft"  # sft | dpo | c-sft | c-dpo
@@ -254,6 +258,24 @@ class SelfImproveConfig:
     backend: str = "ray"  # ray: driver actor + Serve + Data (+ train.backend); local: one process
     run_dir: str = "runs/self_improve"  # submitting again with the same run_dir resumes
     grid_prompts: int = 4
+
+
+PROBE_VARIANTS = ("render", "oracle", "self")
+
+
+@dataclass
+class ProbeConfig:
+    """jobs/probe_sft.py: does the self-improvement recipe raise Gen. on held-out dev prompts (train split only)?"""
+    dev_prompts: int = 60  # grammar.dev_split of the train split: held out of pretraining and of every SFT row
+    train_prompts: int = 240  # drawn task-balanced, without repeats, from the rest of the train split
+    renders_per_prompt: int = 2  # render: fresh true renders per train prompt (the headroom check's data)
+    dev_images: int = 8  # images per dev prompt for each measure
+    variants: list[str] = field(default_factory=lambda: list(PROBE_VARIANTS))
+    # the model, sampling, N (images_per_prompt), scoring and the training recipe: conf/self_improve.yaml,
+    # these key=value overrides, then the command line's run.KEY=VALUE
+    run: list[str] = field(default_factory=lambda: ["mode=sft", "train.backend=local"])
+    out_dir: str = "runs/probe_sft"
+    overwrite: bool = False
 
 
 @dataclass
@@ -470,8 +492,9 @@ def check_self_improve(cfg: DictConfig) -> None:
     _require(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
     _require(cfg.eval_images_per_prompt >= 1, "eval_images_per_prompt", f"must be >= 1, got {cfg.eval_images_per_prompt}")
     _require(cfg.max_eval_prompts is None or cfg.max_eval_prompts >= 1, "max_eval_prompts", "must be >= 1 or null")
-    for key in ("prompts", "eval_prompts"):
-        _require(Path(cfg[key]).is_file(), key, f"file '{cfg[key]}' not found (a GenEval .jsonl or a .txt prompt list)")
+    for key in ("prompts", "eval_prompts", "composition_prompts"):
+        _require(cfg[key] is None and key == "composition_prompts" or Path(cfg[key]).is_file(), key,
+                 f"file '{cfg[key]}' not found (a GenEval .jsonl or a .txt prompt list)")
     if cfg.mode.startswith("c-"):
         e, r = cfg.train.epochs, cfg.replay_epoch
         _require(e >= 2, "train.epochs", f"{cfg.mode} replays the discard pool between epochs: needs >= 2, got {e}")
@@ -526,6 +549,7 @@ def check_recipe(cfg: DictConfig, prefix: str = "") -> None:
     require(loss.beta > 0, "loss.beta", f"must be > 0, got {loss.beta}")
     choice("loss.loss_type", loss.loss_type, DPO_LOSS_TYPES)
     require(0 <= loss.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {loss.label_smoothing}")
+    require(0 <= loss.uncond_prob < 1, "loss.uncond_prob", f"must be in [0, 1), got {loss.uncond_prob}")
     require(loss.rpo_alpha is None or loss.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0 or null, got {loss.rpo_alpha}")
     choice("loss.reference", loss.reference, REFERENCES)
     o = cfg.optim

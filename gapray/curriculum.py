@@ -249,6 +249,8 @@ class CurriculumDriver:
         self.run_dir = Path(self.cfg.run_dir).resolve()
         self.prompts = load_prompts(self.cfg.prompts, limit=self.cfg.max_prompts)
         self.eval_prompts = load_prompts(self.cfg.eval_prompts, limit=self.cfg.max_eval_prompts)
+        self.composition_prompts = load_prompts(self.cfg.composition_prompts, limit=self.cfg.max_eval_prompts) \
+            if self.cfg.composition_prompts else []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.run_dir, self.cfg)
         OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
@@ -301,6 +303,11 @@ class CurriculumDriver:
             paired = [{**r, "base_verdict": r["verdict"], "verdict": now[(r["prompt_id"], r["sample_idx"])]}
                       for r in _ordered(base, self.eval_prompts)]
             summary["win_rate"] = by_task(paired, win_rate)
+        if self.composition_prompts:  # the stress test, drawn like the eval images and reported apart
+            comp = VerdictLedger(self.run_dir / "composition" / "ledger")
+            self.backend.fill(self.composition_prompts, comp, i, self.cfg.eval_images_per_prompt, self.cfg.seed,
+                              desc=f"measure/{i} composition")
+            summary["composition"] = summarize(_ordered(comp.read(i), self.composition_prompts))
         summary["policy_version"] = self.state.policy_version
         self.state.evals[str(i)] = summary
         oracle = summary.get("oracle", {}).get("overall", {}).get("generation_accuracy", {})

@@ -146,6 +146,17 @@ def plot_history(evals: dict, train_logs: dict[str, list[dict]], out_dir: Path) 
     return paths
 
 
+def composition_lines(base: dict, final: dict) -> list[str]:
+    """The composition stress test's base vs final line, when the run measured one (composition_prompts)."""
+    if "composition" not in base:
+        return []
+    def fig(s):
+        gen = _value(s.get("oracle", {}).get("overall", {}).get("generation_accuracy"))
+        return f"Gen. {'-' if gen is None else f'{100 * gen:.1f}'}, Non. {100 * s['non_unification']:.1f}"
+    return ["## Composition split (held-out bindings, reported apart)", "",
+            f"base: {fig(base['composition'])}; final: {fig(final['composition'])} (%).", ""]
+
+
 def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, list[dict]]) -> dict:
     """summary.json, report.md, plots/*.png and grids/{base,final}_<task>.png of a finished run."""
     import json
@@ -177,6 +188,7 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
              "Gen.: share of generations the external judge (shapes oracle) accepts. Non.: share the model itself "
              "rejects. Und. win rate: on the base model's images, where base and final verdicts differ, the share "
              "where the final verdict agrees with the judge (n = images that differ).", "",
+             *composition_lines(base, final),
              "## Rounds", "", "| round | SFT rows | DPO pairs | discarded | gate precision | replay admitted |",
              "|---|---:|---:|---:|---:|---:|"]
     for r, info in sorted(state.rounds.items(), key=lambda kv: int(kv[0])):

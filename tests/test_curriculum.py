@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 N_PROMPTS, N, N_EVAL, K_EVAL = 6, 3, 4, 2
 ARGS = ["model=tiny", "backend=local", "train.backend=local", f"max_prompts={N_PROMPTS}", f"images_per_prompt={N}",
         f"max_eval_prompts={N_EVAL}", f"eval_images_per_prompt={K_EVAL}", "train.epochs=2", "train.micro_batch_size=2",
-        "batch_prompts=4", "gate.min_precision=0", "mode=c-sft"]
+        "batch_prompts=4", "gate.min_precision=0", "mode=c-sft", "composition_prompts=gapray/world/data/composition.jsonl"]
 
 
 def self_improve(args, capsys=None):
@@ -96,6 +96,13 @@ def test_summary_is_recomputed_from_the_ledgers(local_run):
     paired = [{**r, "base_verdict": r["verdict"], "verdict": now[(r["prompt_id"], r["sample_idx"])]} for r in base]
     assert overall["win_n"] == win_rate(paired)["n"]
     assert "| overall |" in (local_run / "report.md").read_text()
+    # the composition stress test: measured like eval, its own ledger, summarised apart
+    comp = VerdictLedger(local_run / "composition" / "ledger")
+    for i in ("0", "1"):
+        rows = comp.read(int(i)).to_pylist()
+        assert len(rows) == N_EVAL * K_EVAL and all(r["prompt_id"].startswith("composition-") for r in rows)
+        assert summary["evals"][i]["composition"]["non_unification"] == non_unification([r["verdict"] for r in rows])["value"]
+    assert "## Composition split" in (local_run / "report.md").read_text()
 
 
 def test_a_finished_run_resubmitted_changes_nothing(local_run):

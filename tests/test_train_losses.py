@@ -229,3 +229,46 @@ def test_job_entry_user_error_is_one_line_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"jobs/train.py: error: data: '{tmp_path}/missing/dpo.parquet' not found (objective=dpo reads dpo.parquet; "
         f"'{tmp_path}/missing' holds: nothing)"]
+
+
+def test_sft_cfg_dropout_trains_the_unconditional_row(tiny, tiny_dir, tmp_path):
+    """loss.uncond_prob: the rows it picks (a hash of seed, epoch, prompt and tokens: the same whatever the
+    batching) are trained as CFG's unconditional row; with every row picked, the first loss is the NLL of the
+    images under the unconditional prompt, not under their own."""
+    from gapray.models.janus import image_token_logprobs
+    from gapray.models.sampler import uncond_input_ids
+    from gapray.train import data as tdata
+
+    prompts = [f"a photo of a {c} circle" for c in ("red", "blue", "green", "red")]
+    tokens = tiny.sample(prompts, 1, SamplingParams(guidance_scale=3.0), seeds=7).tokens
+    rows = {"prompt": np.array(prompts, object), "image_tokens": np.array([t.numpy() for t in tokens] + [None], object)[:-1]}
+    many = {"prompt": np.array([f"p{i}" for i in range(2000)], object),
+            "image_tokens": np.array([np.array([i], np.int64) for i in range(2000)] + [None], object)[:-1]}
+    share = tdata.uncond_rows(many, 0.1, 0, 0)
+    assert 0.08 < share.mean() < 0.12
+    assert not np.array_equal(share, tdata.uncond_rows(many, 0.1, 0, 1))  # drawn again each epoch
+    sub = {k: v[500:700] for k, v in many.items()}
+    assert np.array_equal(tdata.uncond_rows(sub, 0.1, 0, 0), share[500:700])  # a row's fate ignores its batch
+
+    uncond = lambda ids: uncond_input_ids(ids, [tiny.bos_id, tiny.boi_id], tiny.pad_id)
+    batch = tdata.collate(rows, tiny.generation_inputs, (np.array([True, False, True, False]), uncond))
+    cond = tiny.generation_inputs(prompts)["input_ids"]
+    assert torch.equal(batch["input_ids"][1], cond[1]) and torch.equal(batch["input_ids"][3], cond[3])
+    assert torch.equal(batch["input_ids"][0], uncond(cond)[0]) and not torch.equal(batch["input_ids"][0], cond[0])
+
+    sft = [dict(round=0, prompt_id=f"p{i}", task="t", prompt=p, sample_idx=0, image_tokens=t.tolist(), p_aligned=1.0)
+           for i, (p, t) in enumerate(zip(prompts, tokens))]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(sft, schema=SFT_SCHEMA), tmp_path / "data" / "sft.parquet")
+    first = {}
+    for prob in (0.0, 0.999999):
+        cfg = train_cfg(f"data={tmp_path / 'data'}", f"model={tiny_dir}", f"run_dir={tmp_path / str(prob)}",
+                        "objective=sft", "epochs=1", "shuffle_buffer=0", f"loss.uncond_prob={prob}", *LOCAL)
+        run_training(cfg)
+        first[prob] = read_metrics(cfg.run_dir)[0]["loss"]
+    enc = tiny.generation_inputs(prompts)
+    with torch.no_grad():
+        nll_cond = -image_token_logprobs(tiny.model, enc["input_ids"], enc["attention_mask"], tokens).mean()
+        nll_uncond = -image_token_logprobs(tiny.model, uncond(enc["input_ids"]), enc["attention_mask"], tokens).mean()
+    assert abs(first[0.0] - nll_cond.item()) < 2e-5 and abs(first[0.999999] - nll_uncond.item()) < 2e-5
+    assert abs(nll_cond.item() - nll_uncond.item()) > 2e-4  # (a fresh tiny model barely reads its prompt)

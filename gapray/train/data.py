@@ -66,11 +66,23 @@ def _stack(col) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(x) for x in col]).astype(np.int64))  # astype copies
 
 
-def collate(rows: dict[str, np.ndarray], processor_encode) -> dict:
-    """A numpy batch (Ray Data or pyarrow) -> tensors. `processor_encode(prompts)` gives left-padded ids/mask."""
+def uncond_rows(rows: dict[str, np.ndarray], prob: float, seed: int, epoch: int) -> np.ndarray:
+    """Which SFT rows of a batch train as CFG's unconditional row: a hash of (seed, epoch, prompt, tokens) per
+    row, so the choice does not depend on batching, workers or resume."""
+    return np.array([derive_seed(seed, "uncond", epoch, str(p), np.asarray(t).tobytes().hex()) / 2**63 < prob
+                     for p, t in zip(rows["prompt"], rows["image_tokens"])], bool)
+
+
+def collate(rows: dict[str, np.ndarray], processor_encode, uncond=None) -> dict:
+    """A numpy batch (Ray Data or pyarrow) -> tensors. `processor_encode(prompts)` gives left-padded ids/mask;
+    `uncond`: (bool mask of rows, fn(ids) -> CFG's unconditional ids) for the rows trained without prompt."""
     prompts = [str(p) for p in rows["prompt"]]
     enc = processor_encode(prompts)
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "n_rows": len(prompts)}
+    ids = enc["input_ids"]
+    if uncond is not None and uncond[0].any():
+        drop = torch.from_numpy(uncond[0]).to(ids.device)
+        ids = torch.where(drop[:, None], uncond[1](ids), ids)
+    batch = {"input_ids": ids, "attention_mask": enc["attention_mask"], "n_rows": len(prompts)}
     if "image_tokens" in rows:
         batch["tokens"] = _stack(rows["image_tokens"])
     else:

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from gapray.config import load_model
 from gapray.errors import UserError
 from gapray.models.janus import image_token_logprobs, resolve_device
+from gapray.models.sampler import uncond_input_ids
 from gapray.train import data as tdata
 from gapray.train.checkpoint import TrainState, export_pretrained, load_checkpoint, save_checkpoint
 from gapray.train.losses import dpo_loss, sft_loss
@@ -213,19 +214,27 @@ def image_tokens(batch: dict) -> int:
     return batch["tokens"].numel() if "tokens" in batch else batch["chosen"].numel() + batch["rejected"].numel()
 
 
-def train_epochs(engine, encode, cfg: DictConfig, plan: Plan, state: TrainState,
+def train_epochs(engine, jm, cfg: DictConfig, plan: Plan, state: TrainState,
                  epoch_batches: Callable[[int, int], Iterable[dict]], reference,
                  on_step: Callable[[TrainState, dict], None]) -> TrainState:
     """The loop both backends run, from `state` (a resumed data position) to the end of the plan.
 
     epoch_batches(epoch, skip) yields this worker's numpy micro-batches of an epoch, the first `skip` left
-    out; `encode(prompts)` tokenizes prompts; on_step(state, metrics) runs after every optimizer step.
+    out; `jm` (the JanusModel) tokenizes prompts; on_step(state, metrics) runs after every optimizer step.
     """
+    encode = jm.generation_inputs
+
+    def uncond(ids):
+        return uncond_input_ids(ids, [jm.bos_id, jm.boi_id], jm.pad_id)
+
     ga = cfg.gradient_accumulation_steps
     while state.epoch < cfg.epochs and state.step < plan.total_steps:
         window = StepWindow()
         for rows in itertools.islice(epoch_batches(state.epoch, state.micro_step), plan.micro_per_epoch - state.micro_step):
-            batch = tdata.collate(rows, encode)
+            drop = None
+            if cfg.objective == "sft" and cfg.loss.uncond_prob > 0:
+                drop = (tdata.uncond_rows(rows, cfg.loss.uncond_prob, cfg.seed, state.epoch), uncond)
+            batch = tdata.collate(rows, encode, drop)
             batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             window.add(train_step(engine, batch, cfg, reference), batch["n_rows"], image_tokens(batch))
             state.micro_step += 1
@@ -366,7 +375,7 @@ def run_local(cfg: DictConfig, plan: Plan, after_step=None) -> TrainResult:
         if state.micro_step == 0 and state.epoch in cfg.checkpoint.export_epochs:
             export_pretrained(jm, export_dir(plan, state.epoch), zero_stage=0, rank=0)
 
-    state = train_epochs(engine, jm.generation_inputs, cfg, plan, TrainState(), epoch_batches, reference, on_step)
+    state = train_epochs(engine, jm, cfg, plan, TrainState(), epoch_batches, reference, on_step)
     export_pretrained(jm, plan.model_dir, zero_stage=0, rank=0)
     return TrainResult(model_dir=plan.model_dir, steps=state.step, metrics=dict(last), checkpoint=None)
 
@@ -491,7 +500,7 @@ def train_loop_per_worker(config: dict) -> None:
             save_checkpoint(engine, state, tmp, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    state = train_epochs(engine, jm.generation_inputs, cfg, plan, state, epoch_batches, reference, on_step)
+    state = train_epochs(engine, jm, cfg, plan, state, epoch_batches, reference, on_step)
     if not Path(plan.model_dir, "config.json").exists():  # a resumed run whose last step was already done
         export_pretrained(jm, plan.model_dir, zero_stage=stage, rank=rank)
 

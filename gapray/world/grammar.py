@@ -37,7 +37,8 @@ Splits (make_prompts), everything drawn from numpy's default_rng(seed):
                task, at least 2 and at most EVAL_PER_TASK prompts. Disjoint prompt texts over a shared
                vocabulary: eval's bindings, pairs and scenes all recur in train, in other prompts.
   train        everything else. A dev set for choices is drawn from train (dev_split), never from eval.
-Rows are shuffled inside each task; prompt ids are "<split>-<index>".
+Rows are shuffled inside each task, then the tasks interleaved round-robin, so that the first N rows of a split
+are as task-balanced as N allows (max_prompts=N takes them); prompt ids are "<split>-<index>".
 
 CLI: python -m gapray.world.grammar --seed 0 --out gapray/world/data
 writes train.jsonl, eval.jsonl and composition.jsonl (one json.dumps row a line, like GenEval's metadata).
@@ -155,16 +156,20 @@ def make_prompts(seed=0):
     """{split: list of GenEval metadata rows with "prompt_id"} for SPLITS, deterministic in seed."""
     held = heldout_bindings(seed)
     rng = np.random.default_rng([seed, 1])
-    out = {s: [] for s in SPLITS}
+    per_task = {s: [] for s in SPLITS}
     for tag, rows in prompt_space().items():
         novel = [r for r in rows if bindings(r) & held]
         rest = [r for r in rows if not bindings(r) & held]
         n_eval = int(np.clip(round(EVAL_FRACTION * len(rest)), EVAL_MIN, EVAL_PER_TASK))
         order = rng.permutation(len(rest))
-        out["eval"] += [rest[i] for i in order[:n_eval]]
-        out["train"] += [rest[i] for i in order[n_eval:]]
-        out["composition"] += [novel[i] for i in rng.permutation(len(novel))[:EVAL_PER_TASK]]
-    for s in SPLITS:
+        per_task["eval"].append([rest[i] for i in order[:n_eval]])
+        per_task["train"].append([rest[i] for i in order[n_eval:]])
+        per_task["composition"].append([novel[i] for i in rng.permutation(len(novel))[:EVAL_PER_TASK]])
+    out = {}
+    for s, groups in per_task.items():
+        # round-robin over tasks: every prefix of a split file is as task-balanced as it can be, so that
+        # max_prompts=N takes a balanced subset (position prompts are most of the train split)
+        out[s] = [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
         for i, row in enumerate(out[s]):
             row["prompt_id"] = f"{s}-{i:05d}"
     return out
