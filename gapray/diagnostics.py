@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gapray.models.janus import JanusModel, image_token_logprobs
-from gapray.verdict import ANSWER_PREFIX, answer_token_ids
+from gapray.models.janus import JanusModel, append_tokens, image_token_logprobs
+from gapray.verdict import ANSWER_PREFIX, answer_tokens
 from gapray.world.pretrain import CAPTION_REQUEST
 
 
@@ -55,12 +55,15 @@ def prompt_loglik(jm: JanusModel, prompt: str, image: np.ndarray) -> torch.Tenso
 
 
 def verdict_loglik(jm: JanusModel, prompt: str, image: np.ndarray, verdict: int) -> torch.Tensor:
-    """log p(the verdict digit | image, verdict question, "The score is"), over the whole vocabulary."""
+    """log p(the verdict answer | image, verdict question, "The score is"), over the whole vocabulary: the
+    digit's log-prob, plus those of the tokens both answers start with where the tokenizer writes any."""
     text = f"{jm.verdict_text(prompt)} {ANSWER_PREFIX}"
-    enc = jm.understanding_inputs([text], [image])
-    one, zero = answer_token_ids(jm.tokenizer, text)
-    logits = jm.model(**enc, logits_to_keep=1).logits[0, -1].float()
-    return logits.log_softmax(-1)[one if verdict == 1 else zero]
+    a = answer_tokens(jm.tokenizer, text)
+    enc = append_tokens(jm.understanding_inputs([text], [image]), a.shared_suffix_ids)
+    n = len(a.shared_suffix_ids)
+    logp = jm.model(**enc, logits_to_keep=n + 1).logits[0].float().log_softmax(-1)  # position i predicts token i+1
+    targets = [*a.shared_suffix_ids, a.one if verdict == 1 else a.zero]
+    return logp[torch.arange(n + 1), targets].sum()
 
 
 def gradient_alignment(jm: JanusModel, params: list[torch.nn.Parameter], train: list[dict],

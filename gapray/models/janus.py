@@ -15,7 +15,7 @@ from transformers import GenerationConfig, JanusForConditionalGeneration, JanusP
 from gapray.models.base import SampleOutput, ScoreOutput, UnifiedModel
 from gapray.models.sampler import SamplingParams, cfg_decode, derive_seed, guided_logprobs, row_uniforms, \
     uncond_input_ids
-from gapray.verdict import ANSWER_PREFIX, answer_token_ids, parse_answer, verdict_question
+from gapray.verdict import ANSWER_PREFIX, AnswerTokens, answer_tokens, parse_answer, verdict_question
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCORE_MODES = ("logits", "generate")
@@ -63,6 +63,18 @@ def vq_nearest_codes(vq, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return z, codebook, (z @ codebook.T).argmax(-1)  # max cosine = min distance between unit vectors
 
 
+def append_tokens(enc: dict, ids: tuple[int, ...]) -> dict:
+    """The same attended tokens appended to every row of left-padded inputs (whose ends line up): token ids,
+    not text, so they read exactly as the tokenizer writes them after the rows' last tokens."""
+    if not ids:
+        return enc
+    input_ids, mask = enc["input_ids"], enc["attention_mask"]
+    tail = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device).expand(len(input_ids), -1)
+    enc["input_ids"] = torch.cat([input_ids, tail], 1)
+    enc["attention_mask"] = torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], 1)
+    return enc
+
+
 class JanusModel(UnifiedModel):
     def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor):
         self.model = model.eval()
@@ -77,7 +89,7 @@ class JanusModel(UnifiedModel):
         vision = model.config.vision_config
         self.image_size = vision.image_size
         self.n_image_tokens = vision.num_image_tokens
-        self._answer_ids: tuple[int, int] | None = None
+        self._answer: AnswerTokens | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
@@ -168,10 +180,13 @@ class JanusModel(UnifiedModel):
             texts = [f"{t} {ANSWER_PREFIX}" for t in texts]
         enc = self.understanding_inputs(texts, images)
         if mode == "logits":
-            if self._answer_ids is None:
-                self._answer_ids = answer_token_ids(self.tokenizer, texts[0])
+            if self._answer is None:
+                self._answer = answer_tokens(self.tokenizer, texts[0])
+            # The tokens both answers start with (a lone space token in split-digit BPEs) are teacher-forced,
+            # so the last position predicts the digit itself.
+            enc = append_tokens(enc, self._answer.shared_suffix_ids)
             logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
-            two = logits[:, list(self._answer_ids)].softmax(-1)
+            two = logits[:, [self._answer.one, self._answer.zero]].softmax(-1)
             return ScoreOutput(p_aligned=two[:, 0].double().cpu().numpy(), answers=[None] * len(prompts))
         greedy = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, bos_token_id=self.bos_id,
                                   pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
