@@ -32,6 +32,9 @@ def main(argv: list[str]) -> int:
         for key in ("vq_from", "init_from"):
             if cfg[key] and not (Path(cfg[key]) / "config.json").is_file():
                 raise UserError(f"{key}: '{cfg[key]}' is not a saved model directory (no config.json)")
+        if cfg.vq_from and cfg.init_from:  # init_from loads the VQ too: a second one would replace it silently
+            raise UserError("vq_from and init_from both set: init_from continues a model with its own VQ "
+                            "tokenizer; pass vq_from=null with init_from, or drop init_from")
         out = Path(cfg.out_dir)
         if out.exists() and any(out.iterdir()) and not cfg.overwrite:
             raise UserError(f"out_dir '{out}' is not empty; choose another out_dir or pass overwrite=true")

@@ -82,3 +82,13 @@ def test_job_refuses_a_non_empty_out_dir(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "is not empty" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (tmp_path / "keep.txt").read_text() == "earlier work"
+
+
+def test_job_refuses_vq_from_with_init_from(tmp_path):
+    """init_from continues a model with its own VQ tokenizer; a vq_from beside it would silently swap the tokenizer
+    the language model was trained on (it happened: a run continued on another VQ's codes)."""
+    shipped = str(ROOT / "gapray/assets/shapes-janus")
+    proc = subprocess.run([sys.executable, "jobs/pretrain_world.py", f"out_dir={tmp_path / 'out'}", f"vq_from={shipped}",
+                           f"init_from={shipped}"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "vq_from and init_from" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,9 @@
-"""The shipped shapes-world model and the issue's four criteria for the embedded default.
+"""The shipped shapes-world model against the issue's targets for the embedded default (World 2).
 
 Measured exactly as a user would: `gapray measure model=shapes` on the held-out eval split, 8 images per
 prompt, default sampling (CFG 5, temperature 1), seed 0. The checkpoint and the seeds are fixed, so the
 figures are deterministic on a given torch build; the thresholds are the issue's, not tuned values.
-Criteria the shipped model does not meet yet are marked xfail(strict=True) with the measured figure: they
+Targets the shipped model does not meet yet are marked xfail(strict=True) with the measured figure: they
 fail loudly (XPASS) the day a better checkpoint meets them, and nobody mistakes them for passing.
 """
 
@@ -17,6 +17,13 @@ from gapray.config import SHIPPED_MODELS
 
 EVAL = Path(__file__).resolve().parent.parent / "gapray/world/data/eval.jsonl"
 NOT_MET = "the shipped checkpoint does not meet this yet (README, 'The shapes world'): measured {}"
+# The shipped checkpoint's figures for the targets it misses (README's table; 992 images): the xfail reasons.
+MEASURED = {
+    "generation_accuracy": "5.2% (52/992)",
+    "geneval_score": "16.7%",
+    "understanding_balanced_accuracy": "60.9% (accepts 17 of 52 right images, rejects 838 of 940 wrong ones)",
+    "accepted_precision": "0.14 (17 of 119 accepted images right)",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,35 +51,44 @@ def test_the_whole_eval_split_is_measured(summary):
                                                   "color_attr"}
 
 
-def test_non_unification_at_least_15_percent(summary):
-    assert summary["non_unification"] >= 0.15, summary["overall"]
+# The issue's targets (World 2), on the eval split; a target the shipped checkpoint misses is a strict xfail
+# carrying its measured figure (MEASURED).
+TARGETS = {
+    "generation_accuracy": (0.20, 0.50),  # Gen., the share of images the oracle accepts
+    "geneval_score": (0.20, 0.50),  # GenEval's overall: the mean of the per-task accuracies
+    "understanding_balanced_accuracy": (0.90, 1.0),  # on its own images: a reject-everything judge scores 0.5
+    "accepted_precision": (0.80, 1.0),  # of the images it accepts: what its SFT data would be
+    "non_unification": (0.30, 1.0),
+    "weak_generation_rate": (0.80, 1.0),
+}
 
 
-def test_the_gap_is_weak_generation(summary):
-    assert overall(summary, "weak_generation_rate") >= 0.70
+def figure(summary, name):
+    if name == "geneval_score":
+        return summary["oracle"]["geneval_score"]["value"]
+    if name == "accepted_precision":
+        fa = overall(summary, "false_acceptance_rate")
+        return None if fa is None else 1 - fa
+    if name == "non_unification":
+        return summary["non_unification"]
+    return overall(summary, name)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_MET.format("5.4% on the eval split (26.5% on the train split)"))
-def test_generation_has_room_to_improve(summary):
-    assert 0.25 <= overall(summary, "generation_accuracy") <= 0.75
+def target(name):
+    lo, hi = TARGETS[name]
+    marks = [] if name not in MEASURED else [pytest.mark.xfail(strict=True, reason=NOT_MET.format(MEASURED[name]))]
+    return pytest.param(name, lo, hi, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name,lo,hi", [target(n) for n in TARGETS])
+def test_target_on_the_eval_split(summary, name, lo, hi):
+    value = figure(summary, name)
+    assert value is not None and lo <= value <= hi, (name, value)
 
 
 def test_geneval_score_weighs_tasks_not_images(summary):
-    """The eval split's tasks differ in size (color_attr: 56% of the images), so GenEval's overall (the mean
-    of the per-task accuracies) and the share of images must differ here; this is the measure on which the
-    two definitions can be told apart."""
+    """The eval split's tasks differ in size (position and color_attr: 77% of the prompts), so GenEval's overall
+    (the mean of the per-task accuracies) is recomputed here from the per-task figures, not the share of images."""
     tasks = summary["oracle"]["per_task"].values()
     mean_of_tasks = sum(t["generation_accuracy"]["value"] for t in tasks) / len(tasks)
     assert summary["oracle"]["geneval_score"] == {"value": pytest.approx(mean_of_tasks), "n_tasks": 6}
-    assert abs(mean_of_tasks - overall(summary, "generation_accuracy")) > 0.05
-
-
-@pytest.mark.xfail(strict=True, reason=NOT_MET.format("15.9% (the mean of the six tasks' accuracies)"))
-def test_geneval_score_has_room_to_improve(summary):
-    """GenEval's own overall (the mean over tasks): color_attr, 56% of the eval images, weighs one sixth."""
-    assert 0.25 <= summary["oracle"]["geneval_score"]["value"] <= 0.75
-
-
-@pytest.mark.xfail(strict=True, reason=NOT_MET.format("67.6%"))
-def test_understanding_judges_its_own_generations(summary):
-    assert overall(summary, "understanding_accuracy") >= 0.85
