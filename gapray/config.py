@@ -314,7 +314,6 @@ class PretrainConfig:
     self_generated_k: int = 2
     self_generated_prompts: int = 512  # train prompts (task-balanced draw) whose own generations join the pool
     pool_prompts: int = 2000  # train prompts (task-balanced draw) rendered for the understanding pool
-    gen_weight: float = 1.0  # weight of the generation loss (a small generation budget keeps the gap real)
     checks: int = 4  # progress checks (dev figures + a saved model) per run
     dev_prompts: int = 60  # the dev set (grammar.dev_split of train) for progress checks; held out of training
     vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)

@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str]) -> int:
-    import numpy as np
     import torch
     from omegaconf import OmegaConf
 
@@ -87,7 +86,7 @@ def main(argv: list[str]) -> int:
         train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
                  self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
                  dev_rows=dev, seed=cfg.seed, log=log, on_dev_check=save, pool_prompts=cfg.pool_prompts,
-                 self_generated_prompts=cfg.self_generated_prompts, gen_weight=cfg.gen_weight, checks=cfg.checks)
+                 self_generated_prompts=cfg.self_generated_prompts, checks=cfg.checks)
     if saved_at[-1:] != [cfg.lm_steps]:  # the last progress check, at the last step, saved it already
         save()
     return 0

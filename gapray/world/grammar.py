@@ -66,10 +66,6 @@ EVAL_PER_TASK = 48
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
-# relation -> (axis, True if the positioned object is the first = left/top one)
-_REL_AXIS = {"left of": ("x", True), "right of": ("x", False), "above": ("y", True), "below": ("y", False)}
-
-
 def with_article(word):
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 

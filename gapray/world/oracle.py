@@ -19,23 +19,25 @@ Pipeline (inspect):
      world never draws, at least 75 units from every palette colour, are not read as the nearest one);
      neither matches a name.
   5. Shape: a soft mask (each pixel's blend fraction between the background and the object's own
-     median colour, over the component grown by one pixel to take in its blurred rim) gives four
-     moment features that do not depend on position or scale (see moments()). The class is the
-     ideal shape (render.inside, integrated on a fine grid) whose features are nearest, in units
-     of FEATURE_SCALE (their spread under degradation). Nearest distance above MAX_SHAPE_DIST
-     (4.0) -> "unknown": the ideal world shapes are 7.4 to 18 units apart, and renders at 64 px stay
-     within 2.7 units of their own shape under blur, noise, 8x8 block DCT quantisation and JPEG
-     q30. Shapes the world never draws have references too (IMPOSTORS: a rotated square, i.e. a
+     median colour, read from luminance, which JPEG-like coders keep sharper than chroma, over the
+     component grown by one pixel to take in its blurred rim) gives five moment features that do
+     not depend on position or scale (see moments()), and a sixth, the share of the bounding box
+     filled. The class is the ideal shape (render.inside, integrated on a fine grid) whose features
+     are nearest, in units of FEATURE_SCALE (their spread under degradation). Nearest distance above
+     MAX_SHAPE_DIST (4.0) -> "unknown": the ideal world shapes are 7.4 to 18 units apart, and renders
+     at 64 px are read right under blur, noise, 8x8 block DCT quantisation and JPEG q30 (>= 99.8%,
+     tests/test_world.py). Shapes the world never draws have references too (IMPOSTORS: a rotated square, i.e. a
      diamond, and a rotated cross, an "x"; two squares merged into one blob): when one of them is the
-     nearest by IMPOSTOR_MARGIN (1 unit), on objects 11 px across or more, the class is "unknown", so a diamond is not read as a cross
-     nor two merged squares as one square. Two features beyond the moments tell them apart: xxyy in axes turned by 45
-     degrees (a diamond 1.0, a cross 1.1) and the share of its bounding box the object fills (a
-     square 1.0, an "x" 0.55).
+     nearest by IMPOSTOR_MARGIN (0.6 units), on objects SMALL_SIDE (11) px across or more, the
+     class is "unknown", so a diamond is not read as a cross nor two merged squares as one square.
+     Two features beyond the moments tell them apart: xxyy in axes turned by 45 degrees (a diamond
+     1.0, a cross 1.1) and the share of its bounding box the object fills (a square 1.0, an "x"
+     0.55). Below SMALL_SIDE the turned shapes are within the features' noise of the world ones and
+     are not checked (at 32 px a diamond reads as a cross); merged squares are 12 px or more there.
      Moments integrate over the whole object, so the outline's blur, noise and blockiness move
      them little; an earlier outline/bounding-box template match failed on ~5-15% of such images.
   6. Centroid: the soft-mask-weighted mean pixel centre (x right, y down, in pixels); area: the
      component's pixel count.
-Known limit: at 32 px with JPEG q30 (chroma subsampled 2x on 8-px objects) ~4% of renders fail.
 
 Judging (judge / explain), GenEval's rules (djghosh13/geneval, evaluation/evaluate_images.py):
   - every include item {class, count, color?} must be met: at least `count` objects of that class

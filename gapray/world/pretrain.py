@@ -48,7 +48,7 @@ WORLD_ARCH = dict(image_size=IMAGE_SIZE, patch_size=4, hidden_size=128, num_laye
 
 
 def world_words() -> list[str]:
-    """The tokenizer's vocabulary: every word any world prompt (either split) can use."""
+    """The tokenizer's vocabulary: every word any world prompt (any split) can use."""
     return [r["prompt"] for split in SPLITS for r in load_world_prompts(split)]
 
 
@@ -286,14 +286,12 @@ def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -
 def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 32, und_batch: int = 16,
              lr: float = 1e-3, self_generated_at: tuple[float, ...] = (0.5, 0.75), self_generated_k: int = 2,
              dev_rows: list[dict] | None = None, seed: int = 0, log=print, on_dev_check=None,
-             pool_prompts: int = 2000, self_generated_prompts: int = 512, gen_weight: float = 1.0,
-             checks: int = 4) -> None:
+             pool_prompts: int = 2000, self_generated_prompts: int = 512, checks: int = 4) -> None:
     """Both objectives every step; the understanding pool grows with the model's own generations at the
     given fractions of training, so the judge sees what the generator actually draws. Prompts are drawn
     task-balanced (pool_prompts for the render pool, self_generated_prompts x self_generated_k own images
-    per refresh). gen_weight scales the generation loss: a small generation budget beside a judge trained
-    to convergence is what gives the model a real internal gap. `on_dev_check(step)` runs after each of
-    the `checks` progress checks (the job saves the model there)."""
+    per refresh). `on_dev_check(step)` runs after each of the `checks` progress checks (the job saves the
+    model there)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = [p for n, p in model.model.named_parameters() if ".vqmodel." not in n]
@@ -319,7 +317,7 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
         loss_u = understanding_loss(model, pool, pool.batch(und_batch, rng))
         loss_c = caption_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
         opt.zero_grad()
-        (gen_weight * loss_g + loss_u + loss_c).backward()
+        (loss_g + loss_u + loss_c).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
