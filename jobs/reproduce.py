@@ -112,9 +112,9 @@ def measure_figures(ev: dict, task: str) -> dict:
             "fixed_fa": None if win is None else win["fixed_false_accepts"]}
 
 
-def method_summary(summaries: dict, method: str, seed: int, measure: str = "1") -> dict | None:
+def method_summary(summaries: dict, method: str, seed: int, measure: str = "1", split: str = "eval") -> dict | None:
     """One method's figures on one seed: base = measure/0 of the seed's first run (every run's measure/0 is the
-    same images, judged by the same model)."""
+    same images, judged by the same model). split="composition": the stress test measured beside eval."""
     if method == "base":
         name, i = next((n for s_, n in summaries if s_ == seed), None), "0"
     else:
@@ -122,7 +122,8 @@ def method_summary(summaries: dict, method: str, seed: int, measure: str = "1") 
     s = summaries.get((seed, name))
     if s is None or i not in s["evals"]:
         return None
-    return {t: measure_figures(s["evals"][i], t) for t in (*TASKS, "overall")}
+    ev = s["evals"][i] if split == "eval" else s["evals"][i].get(split)
+    return None if ev is None else {t: measure_figures(ev, t) for t in (*TASKS, "overall")}
 
 
 def mean_std(xs) -> dict:
@@ -244,8 +245,10 @@ def aggregate(cfg, summaries: dict, diagnostics: dict) -> dict:
                    "c-sft non -40% relative": {"value": n, "met": n is not None and n <= -0.40},
                    "c-sft win rate >= 55%": {"value": w, "met": w is not None and w >= 0.55},
                    "corrupted judge: co-degradation and gate fires": {"value": None, "met": corrupt["holds"]}}
+    composition = {m: {k: mean_std([((method_summary(summaries, m, s, split="composition") or {}).get("overall")
+                                      or {}).get(k) for s in seeds]) for k in ("gen", "non")} for m in methods}
     return {"seeds": seeds, "table": table, "counts": counts, "claims": claims, "rounds": rounds, "gates": gates,
-            "targets": targets, "diagnostic": diagnostics}
+            "targets": targets, "diagnostic": diagnostics, "composition": composition}
 
 
 # ---- the diagnostic over a run's checkpoints ------------------------------------------------------------------
@@ -331,6 +334,11 @@ def write_results(cfg, results: dict, out_dir: Path) -> None:
                 continue
             L.append(f"| {m} | " + " | ".join(pm(t[m][x][key]) + (f" ({t[m][x]['win_n']})" if key == "win" else "")
                                              for x in TASKS) + " |")
+    comp = results.get("composition", {})
+    if any(v["gen"]["n"] for v in comp.values()):  # runs measured with composition_prompts
+        L += ["", "## Composition split (held-out bindings: the stress test, reported apart)", "",
+              "| method | Gen. | Non. |", "|---|---:|---:|"] + [f"| {m} | {pm(v['gen'])} | {pm(v['non'])} |"
+                                                          for m, v in comp.items()]
     L += ["", "## Claims", ""]
     a = c["a"]
     L.append(f"- (a) the gap stems from weak generation: base weak-generation rate {pm(a['weak_generation_rate'])}% "

@@ -68,6 +68,11 @@ def test_table_is_mean_and_std_of_the_runs(out):
     gen2 = [summary(out, s, "c-sft")["evals"]["2"]["oracle"]["overall"]["generation_accuracy"]["value"] for s in SEEDS]
     assert results["rounds"]["2"]["gen"]["mean"] == pytest.approx(np.mean(gen2))
     assert "## Claims" in (out / "results.md").read_text()
+    # the composition split (conf/reproduce.yaml measures it beside eval): its own table, from the same summaries
+    comp = [summary(out, s, "c-sft")["evals"]["1"]["composition"]["oracle"]["overall"]["generation_accuracy"]["value"]
+            for s in SEEDS]
+    assert results["composition"]["c-sft"]["gen"]["mean"] == pytest.approx(np.mean(comp))
+    assert "## Composition split" in (out / "results.md").read_text()
 
 
 def test_corrupted_judge_trains_on_flipped_verdicts_and_the_gate_sees_them(out):
