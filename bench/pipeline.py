@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from gapray.config import CONF_DIR, MeasureConfig, load_config, load_model  # noqa: E402
-from gapray.measure import sample_and_score  # noqa: E402
+from gapray.selfjudge import sample_and_score  # noqa: E402
 from gapray.models import SamplingParams  # noqa: E402
 from gapray.prompts import load_prompts  # noqa: E402
 

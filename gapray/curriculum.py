@@ -53,7 +53,7 @@ from gapray.config import SelfImproveConfig, TrainConfig, check_values, load_mod
 from gapray.data.ledger import VerdictLedger
 from gapray.data.preference import OUTPUTS, build_preference_data, corrupt_verdicts
 from gapray.errors import UserError
-from gapray.measure import judge_samples, sample_and_score_images, summarize
+from gapray.selfjudge import judge_samples, sample_and_score_images, summarize
 from gapray.metrics import by_task, win_rate
 from gapray.models import SampleOutput, SamplingParams
 from gapray.models.sampler import derive_seed

@@ -32,7 +32,7 @@ from gapray.errors import UserError  # noqa: E402
 
 
 def dev_measure(base, model, prompts, k: int) -> dict:
-    from gapray.measure import sample_and_score, summarize
+    from gapray.selfjudge import sample_and_score, summarize
     from gapray.models import SamplingParams
     from omegaconf import OmegaConf
 
@@ -54,7 +54,7 @@ def sft_rows(model, prompts, base, variants, renders_per_prompt: int) -> dict[st
     import numpy as np
     import torch
 
-    from gapray.measure import sample_and_score
+    from gapray.selfjudge import sample_and_score
     from gapray.models import SamplingParams
     from gapray.world.pretrain import render_batch
     from omegaconf import OmegaConf

@@ -16,7 +16,7 @@ from gapray.config import MeasureConfig, load_config
 from gapray.data.ledger import VerdictLedger
 from gapray.data.pipeline import run_round
 from gapray.data.schemas import LEDGER_SCHEMA
-from gapray.measure import sample_and_score, summarize
+from gapray.selfjudge import sample_and_score, summarize
 from gapray.models import SamplingParams
 from gapray.prompts import load_prompts
 from gapray.serve.server import deploy, free_port, replica_actor_names

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gapray.cli import format_summary, main
 from gapray.data.schemas import VERDICT_SCHEMA
-from gapray.measure import image_seed
+from gapray.selfjudge import image_seed
 from gapray.models import SamplingParams
 from gapray.prompts import load_prompts
 
@@ -143,3 +143,11 @@ def test_measure_is_deterministic(tmp_path, tiny_dir, run):
     a, b = sorted(a, key=key), sorted(b, key=key)
     assert [r["image_tokens"] for r in a] == [r["image_tokens"] for r in b]  # batching differs, images do not
     torch.testing.assert_close(torch.tensor([r["p_aligned"] for r in a]), torch.tensor([r["p_aligned"] for r in b]))
+
+
+def test_the_self_judging_core_imports_no_ray():
+    """gapray.selfjudge is the Ray-free core both backends share; `gapray measure backend=local` needs no Ray."""
+    import subprocess
+    import sys
+    code = "import sys, gapray.selfjudge, gapray.measure; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from gapray.config import ModelConfig, ServeConfig
 from gapray.errors import UserError
-from gapray.measure import image_seed
+from gapray.selfjudge import image_seed
 from gapray.models import JanusModel, SamplingParams
 from gapray.serve.server import (SampleRequest, app_builder, deploy, free_port, http_url, reload,
                                  replica_actor_names, split_seeds)

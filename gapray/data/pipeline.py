@@ -10,8 +10,8 @@ do bookkeeping. Execution is streaming: a batch of prompts is scored and written
 still being drawn, and the driver sees only counts (`run_round`), never the verdicts themselves.
 
 What it guarantees
-  - the same rows as `gapray measure backend=local`: per-image seeds (gapray.measure.image_seed) make every
-    image independent of batching, and the rows are built by gapray.measure.verdict_rows;
+  - the same rows as `gapray measure backend=local`: per-image seeds (gapray.selfjudge.image_seed) make every
+    image independent of batching, and the rows are built by gapray.selfjudge.verdict_rows;
   - exactly P x K ledger rows per round: the round draws only the keys the ledger lacks (a re-run of a
     finished round does nothing), and a request lost with a replica (killed, preempted) is sent again,
     with the same seeds, to whichever replica Serve has then;
@@ -50,7 +50,7 @@ from tqdm import tqdm  # noqa: E402
 from gapray.data.ledger import VerdictLedger  # noqa: E402
 from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
 from gapray.data.schemas import LEDGER_SCHEMA, PROMPT_ROW_SCHEMA, SAMPLED_SCHEMA  # noqa: E402
-from gapray.measure import image_seed, verdict_rows  # noqa: E402
+from gapray.selfjudge import image_seed, verdict_rows  # noqa: E402
 from gapray.models import SampleOutput, SamplingParams, ScoreOutput  # noqa: E402
 from gapray.prompts import Prompt  # noqa: E402
 from gapray.serve.server import DEPLOYMENT, deploy, split_seeds  # noqa: E402

@@ -196,7 +196,7 @@ def keep_replica_grpc_on_loopback() -> None:
 class SampleBody(BaseModel):
     prompt: str
     n: int = Field(1, ge=1, le=256)
-    seed: int = 0  # image j gets gapray.measure.image_seed(seed, prompt_id, j), as in `gapray measure`
+    seed: int = 0  # image j gets gapray.selfjudge.image_seed(seed, prompt_id, j), as in `gapray measure`
     prompt_id: str | None = None  # defaults to the prompt text
     guidance_scale: float = Field(5.0, gt=1.0)
     temperature: float = Field(1.0, ge=0.0)
@@ -312,7 +312,7 @@ class ModelServer:
     # -- HTTP routes --
     @http_app.post("/sample")
     async def http_sample(self, body: SampleBody) -> dict:
-        from gapray.measure import image_seed
+        from gapray.selfjudge import image_seed
 
         sampling = SamplingParams(body.guidance_scale, body.temperature, body.top_k, body.top_p)
         seeds = [image_seed(body.seed, body.prompt_id or body.prompt, j) for j in range(body.n)]

@@ -195,7 +195,7 @@ def judged_pool(model: JanusModel, rows: list[dict], rng: np.random.Generator, p
 def self_generated_pool(model: JanusModel, rows: list[dict], k: int, seed: int,
                         sampling: SamplingParams = SamplingParams()) -> Judged:
     """The model's own generations for train prompts, labelled by the oracle."""
-    from gapray.measure import image_seed
+    from gapray.selfjudge import image_seed
 
     tokens = []
     for i in range(0, len(rows), 32):
@@ -267,7 +267,7 @@ def generation_loss(model: JanusModel, rows: list[dict], rng: np.random.Generato
 
 def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -> dict:
     """Gen./Und./Non. on train-split prompts with `gapray measure`'s own sample-and-score (never eval)."""
-    from gapray.measure import sample_and_score, summarize
+    from gapray.selfjudge import sample_and_score, summarize
     from gapray.prompts import Prompt
 
     prompts = [Prompt(r["prompt_id"], r["tag"], r["prompt"], r) for r in rows]
