@@ -50,9 +50,11 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from gapray.config import SelfImproveConfig, TrainConfig, check_values, load_model
+from gapray.data.integrity import publish, read_table
 from gapray.data.ledger import VerdictLedger
 from gapray.data.preference import OUTPUTS, build_preference_data, corrupt_verdicts
 from gapray.errors import UserError
+from gapray.gauges import RunGauges
 from gapray.selfjudge import judge_samples, sample_and_score_images, summarize
 from gapray.metrics import by_task, win_rate
 from gapray.models import SampleOutput, SamplingParams
@@ -164,6 +166,10 @@ class LocalBackend:
     def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
         return self.model.reencode(torch.tensor(tokens)).tolist()
 
+    def reference(self):
+        from gapray.data.preference import local_reference
+        return local_reference(self.model, batch_size=self.cfg.serve.max_batch_size)
+
     def _write(self, ledger: VerdictLedger, round: int, rows: list[dict]) -> int:
         from gapray.data.schemas import LEDGER_SCHEMA
 
@@ -204,6 +210,10 @@ class RayBackend:
         from gapray.data.pipeline import serve_reencode
         return serve_reencode(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)(tokens)
 
+    def reference(self):
+        from gapray.data.pipeline import serve_reference
+        return serve_reference(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)
+
 
 def _tokens(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([r["image_tokens"] for r in rows])
@@ -211,31 +221,6 @@ def _tokens(rows: list[dict]) -> torch.Tensor:
 
 def _logprobs(rows: list[dict]) -> torch.Tensor:
     return torch.tensor([[r["logprob"]] for r in rows])  # the summed log-prob, as one "token"
-
-
-class _Gauges:
-    """ray.util.metrics gauges for the dashboard, tagged with the run's name (no-ops without Ray)."""
-    NAMES = {"policy_version": "policy version the run serves", "non_unification": "non-unification, latest measure",
-             "generation_accuracy": "oracle generation accuracy, latest measure", "sft_samples": "SFT rows, this round",
-             "dpo_pairs": "DPO pairs, this round", "discard_pool": "prompts in the discard pool",
-             "replay_admitted": "prompts admitted by the latest replay", "gate_precision": "audited precision",
-             "train_loss": "last logged training loss", "phases_completed": "phases completed"}
-
-    def __init__(self, run: str):
-        self.tags = {"run": run}
-        self.gauges = {}
-        try:
-            import ray
-            if ray.is_initialized():
-                from ray.util import metrics
-                self.gauges = {n: metrics.Gauge(f"gapray_run_{n}", d, tag_keys=("run",)) for n, d in self.NAMES.items()}
-        except ImportError:
-            pass
-
-    def set(self, **values) -> None:
-        for name, value in values.items():
-            if name in self.gauges and value is not None:
-                self.gauges[name].set(float(value), tags=self.tags)
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------
@@ -256,7 +241,7 @@ class CurriculumDriver:
         OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
         self.state = RunState.load(self.run_dir)
         self.backend = RayBackend(self.cfg) if self.cfg.backend == "ray" else LocalBackend(self.cfg)
-        self.gauges = _Gauges(self.run_dir.name)
+        self.gauges = RunGauges(self.run_dir.name, driver_name(self.run_dir).replace("-driver-", "-gauges-"))
 
     # -- public --
     def run(self) -> dict:
@@ -267,6 +252,13 @@ class CurriculumDriver:
             print(f"[gapray] {self.run_dir}: resuming after {len(self.state.completed)} completed phases "
                   f"({', '.join(self.state.completed)})", flush=True)
         self.backend.serve(self.state.checkpoint, self.state.policy_version)
+        try:
+            self._run_phases()
+        finally:
+            self.gauges.close()  # they stay exported a while longer, for the scrape after the last phase
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    def _run_phases(self) -> None:
         for phase in plan_phases(self.cfg):
             if phase in self.state.completed:
                 continue
@@ -282,7 +274,6 @@ class CurriculumDriver:
             self.state.status = "done" if phase == "report" else "running"
             self.state.save(self.run_dir)
             self.gauges.set(policy_version=self.state.policy_version, phases_completed=len(self.state.completed))
-        return json.loads((self.run_dir / "summary.json").read_text())
 
     def status(self) -> dict:
         return dataclasses.asdict(self.state)
@@ -319,7 +310,8 @@ class CurriculumDriver:
         self.backend.fill(self.prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "round", r),
                           desc=f"sample/{r}")
         counts = build_preference_data(ledger, r, self.data_dir(r), min_margin=self.cfg.data.min_margin,
-                                       verdicts=self._verdicts("sample", r), reencode=self._reencode())
+                                       verdicts=self._verdicts("sample", r), reencode=self._reencode(),
+                                       reference=self._reference())
         self.state.discard_pool = _prompt_ids(self.data_dir(r) / "discard.parquet")
         self.state.rounds[str(r)] = {"start_checkpoint": self.state.checkpoint, "sample": counts}
         self.gauges.set(sft_samples=counts["sft"], dpo_pairs=counts["dpo"], discard_pool=counts["discard"])
@@ -392,16 +384,17 @@ class CurriculumDriver:
         self.backend.fill(prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "replay", r),
                           desc=f"replay/{r}")
         counts = build_preference_data(ledger, r, self.data_dir(r) / "replay", min_margin=self.cfg.data.min_margin,
-                                       verdicts=self._verdicts("replay", r), reencode=self._reencode())
+                                       verdicts=self._verdicts("replay", r), reencode=self._reencode(),
+                                       reference=self._reference())
         still = set(_prompt_ids(self.data_dir(r) / "replay" / "discard.parquet"))
         out = self.data_dir(r) / "with_replay"
         out.mkdir(parents=True, exist_ok=True)
         for name in ("sft", "dpo"):
-            table = pa.concat_tables([pq.read_table(self.data_dir(r) / f"{name}.parquet"),
-                                      pq.read_table(self.data_dir(r) / "replay" / f"{name}.parquet")])
+            table = pa.concat_tables([read_table(self.data_dir(r) / f"{name}.parquet"),
+                                      read_table(self.data_dir(r) / "replay" / f"{name}.parquet")])
             tmp = out / f".{name}.parquet.tmp"
             pq.write_table(table.cast(OUTPUTS[name]), tmp)
-            os.replace(tmp, out / f"{name}.parquet")
+            publish(tmp, out / f"{name}.parquet")
         self.state.rounds[str(r)]["replay"] = {**counts, "pool": len(pool), "admitted": len(pool - still)}
         self.state.discard_pool = sorted(still)
         self.gauges.set(replay_admitted=len(pool - still), discard_pool=len(still))
@@ -413,6 +406,13 @@ class CurriculumDriver:
             return None
         seed = derive_seed(self.cfg.seed, "corrupt", phase, r)
         return lambda table: corrupt_verdicts(table, c.mode, c.rate, seed, self.cfg.scoring.threshold)
+
+    def _reference(self):
+        """data.ref_logprobs with a DPO mode: the pairs carry the reference log-probs, computed now by the policy
+        that drew them (the model the round's DPO starts from), so the trainer holds no frozen second model."""
+        if self.cfg.data.ref_logprobs and self.cfg.mode.endswith("dpo"):
+            return self.backend.reference()
+        return None
 
     def _reencode(self):
         """Training rows carry the decoded pictures' VQ tokens (data.reencode_images), by the serving model."""
@@ -435,7 +435,7 @@ def _ordered(table: pa.Table, prompts: list[Prompt]) -> list[dict]:
 
 
 def _prompt_ids(path: Path) -> list[str]:
-    return sorted(pq.read_table(path, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    return sorted(read_table(path, columns=["prompt_id"]).column("prompt_id").to_pylist())
 
 
 # Keys that may change between a run and its resumption: they change how, not what, is computed.

@@ -27,9 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from gapray.config import check_model, load_model
+from gapray.data.integrity import publish
 from gapray.data.schemas import to_table
 from gapray.errors import UserError
 from gapray.models import SamplingParams, UnifiedModel
+from gapray.preflight import check_measure
 from gapray.prompts import Prompt, load_prompts
 from gapray.selfjudge import sample_and_score, summarize
 
@@ -69,6 +71,7 @@ def run_measure(cfg: DictConfig) -> dict:
     prompts = load_prompts(cfg.prompts, task=cfg.task, limit=cfg.max_prompts)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, cfg.overwrite)
+    check_measure(cfg)  # GPUs asked for where there are none, an unwritable run_dir, an unreachable hub id
     # backend=ray: the Serve replicas load the model (a Janus-Pro-7B need not fit where the driver runs);
     # here only its path is checked. backend=local: loaded before any directory is made, so that a failed
     # start leaves nothing behind.
@@ -83,7 +86,9 @@ def run_measure(cfg: DictConfig) -> dict:
         """verdicts.parquet, summary.json, config.yaml, grids/ (`decode`: image tokens -> RGB arrays)."""
         seconds = time.perf_counter() - t0
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "verdicts.parquet", lambda p: pq.write_table(to_table(rows), p))
+        tmp = run_dir / ".verdicts.parquet.tmp"
+        pq.write_table(to_table(rows), tmp)
+        publish(tmp, run_dir / "verdicts.parquet")  # atomically, with its manifest entry (gapray.data.integrity)
         summary = {**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
                    "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
                    "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,

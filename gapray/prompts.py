@@ -62,7 +62,7 @@ def _load_geneval(path: Path) -> list[Prompt]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"prompts: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"prompts: {where}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise UserError(f"prompts: {where}: expected a JSON object with 'prompt', 'tag' and 'include'")
         _check_geneval(obj, where)

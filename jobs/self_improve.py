@@ -12,8 +12,9 @@ conf/experiment/ (shapes, janus-pro-1b, janus-pro-7b). backend=ray (default) run
 named Ray actor (one per run_dir) next to Serve replicas, Ray Data and Ray Train, on the cluster of
 RAY_ADDRESS (`ray job submit`) or on an embedded one bound to 127.0.0.1; backend=local runs everything in
 this process. Submitting again with the same run_dir resumes after the last completed phase.
-User errors (bad config, missing checkpoint, unreadable prompt file, a run_dir holding another run): one
-line, exit code 2, nothing in run_dir touched. The data-quality gate stopping the run: one line, exit code 3.
+User errors (bad config, missing checkpoint, unreadable prompt file, a run_dir holding another run or a damaged
+or foreign file: `gapray verify RUN_DIR`): one line, exit code 2, nothing in run_dir touched. The data-quality
+gate stopping the run: one line, exit code 3.
 """
 
 import argparse
@@ -34,6 +35,8 @@ def load(argv: list[str]):
     an existing run_dir holding another run)."""
     from gapray.config import CONF_DIR, SelfImproveConfig, check_model, load_config
     from gapray.curriculum import RunState, check_resumable
+    from gapray.data.integrity import check_run_dir_integrity
+    from gapray.preflight import check_self_improve
     from gapray.prompts import load_prompts
 
     parser = argparse.ArgumentParser(prog="jobs/self_improve.py", description=__doc__.splitlines()[0])
@@ -44,6 +47,8 @@ def load(argv: list[str]):
     load_prompts(cfg.prompts, limit=cfg.max_prompts)
     load_prompts(cfg.eval_prompts, limit=cfg.max_eval_prompts)
     check_model(cfg.model)
+    check_self_improve(cfg, args.overrides, args.config)  # GPUs, dtype, batch, run_dir, hub: gapray/preflight.py
+    check_run_dir_integrity(Path(cfg.run_dir).resolve())  # damaged or foreign files: one line, no phase run
     check_resumable(Path(cfg.run_dir).resolve(), cfg)
     RunState.load(Path(cfg.run_dir).resolve())  # a damaged state.json: refused here, not inside the driver
     return cfg

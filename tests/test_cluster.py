@@ -132,7 +132,7 @@ def test_launcher_installs_torch_then_gapray(rel):
     torch_at = [i for i, c in enumerate(setup) if re.search(r"pip install .*\btorch\b", c)]
     gapray_at = [i for i, c in enumerate(setup) if re.search(r"pip install .*-e /home/ray/gapray", c)]
     assert torch_at and gapray_at and torch_at[0] < gapray_at[0], setup
-    assert config["file_mounts"] == {"/home/ray/gapray": "."}
+    assert config["file_mounts"] == {"/home/ray/gapray": ".", "/home/ray/.ray/auth_token": "~/.ray/auth_token"}
     assert ".gitignore" in config["rsync_filter"]
     all_commands = [c for key, v in config.items() if key.endswith("_commands") for c in v]
     all_commands += [c for t in config["available_node_types"].values()
@@ -460,3 +460,92 @@ def test_crd_schemas_reject_bad_manifests(k8s_validators, rel, kind_, mutate, ma
     mutate(doc)
     errors = error_list(k8s_validators[kind_], doc)
     assert errors and any(match in e for e in errors), errors
+
+
+# ---- authentication: Ray's token auth stays on, Serve HTTP stays private --------------------------------
+
+TOKEN_SECRET = "gapray-ray-token"
+AUTH_OFF = re.compile(r"AUTH_MODE[^\n]{0,24}\bdisabled\b")  # env var, YAML key or system_config entry
+
+
+def _token_env(container: dict) -> tuple[str | None, dict | None]:
+    env = {e["name"]: e for e in container.get("env", [])}
+    mode = env.get("RAY_AUTH_MODE", {}).get("value")
+    return mode, env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+
+
+@pytest.mark.parametrize("rel", KUBERAY_FILES)
+def test_kuberay_pods_require_the_token_from_one_secret(rel):
+    spec = _cluster_spec(rel)
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    if rel.endswith("rayjob.yaml"):  # the submitter calls the job API: it needs the token as well
+        templates.append(kind(rel, "RayJob")["spec"]["submitterPodTemplate"])
+    for t in templates:
+        for c in t["spec"]["containers"]:
+            assert _token_env(c) == ("token", {"name": TOKEN_SECRET, "key": "auth_token"}), c["name"]
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"  # no public load balancer for dashboard or GCS
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert 8000 not in {p["containerPort"] for p in head.get("ports", [])}  # Serve HTTP is not published
+
+
+@pytest.mark.parametrize("rel", LAUNCHER_FILES)
+def test_launcher_nodes_require_the_token(rel):
+    config = load_launcher(rel)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), config[key]
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"  # the token on every node
+
+
+def test_no_file_turns_auth_off_or_serves_http_publicly():
+    """Nothing shipped disables Ray's token authentication, and Serve's HTTP proxy is only ever started
+    on 127.0.0.1 (gapray calls replicas through handles; the routes are for local debugging)."""
+    shipped = [p for d in ("cluster", "conf", "gapray", "jobs", "bench") for p in (ROOT / d).rglob("*")
+               if p.is_file() and p.suffix in {".py", ".yaml", ".yml", ".md", ".json", ".sh"}]
+    shipped += [ROOT / "README.md", ROOT / "Makefile"]
+    for p in shipped:
+        text = p.read_text(errors="ignore")
+        assert not AUTH_OFF.search(text), f"{p.relative_to(ROOT)} turns token authentication off"
+        for call in re.findall(r"serve\.start\([^)]*\)", text):
+            assert '"host": "127.0.0.1"' in call, f"{p.relative_to(ROOT)}: {call}"
+        assert not re.search(r"http_options[^\n]*0\.0\.0\.0", text), p
+    server = (ROOT / "gapray" / "serve" / "server.py").read_text()
+    assert re.search(r"serve\.start\(http_options=\{\"host\": \"127\.0\.0\.1\"", server)
+    assert "proxy_location=\"HeadOnly\"" in server
+
+
+def test_auth_check_catches_a_disabled_mode():
+    """The pattern above is not vacuous: it flags the ways auth is switched off."""
+    for text in ["export RAY_AUTH_MODE=disabled", "- {name: RAY_AUTH_MODE, value: disabled}",
+                 'env_vars: {"RAY_AUTH_MODE": "disabled"}', "RAY_AUTH_MODE: disabled"]:
+        assert AUTH_OFF.search(text), text
+
+
+# ---- the Grafana dashboard ---------------------------------------------------------------------------------
+
+def _defined_metrics() -> dict[str, str]:
+    """Every ray.util.metrics name gapray defines -> its Prometheus name on Ray's endpoint."""
+    from gapray.gauges import NAMES
+
+    found = {f"gapray_run_{n}": "gauge" for n in NAMES}
+    for p in (ROOT / "gapray").rglob("*.py"):
+        text = p.read_text()
+        for kind_, name in re.findall(r"metrics\.(Counter|Gauge|Histogram)\(\"(gapray_\w+)\"", text):
+            found[name] = kind_.lower()
+        if "gapray_train_" in text:  # the trainer names its gauges from its metric keys
+            for key in re.findall(r"for k in \(([^)]*)\)\}", text):
+                for k in re.findall(r"\"([^\"]+)\"", key):
+                    found["gapray_train_" + k.replace("/", "_")] = "gauge"
+    suffix = {"counter": "_total", "gauge": "", "histogram": "_bucket"}
+    return {n: f"ray_{n}{suffix[k]}" for n, k in found.items()}
+
+
+def test_grafana_dashboard_shows_every_gapray_metric():
+    dashboard = json.loads((CLUSTER / "grafana" / "gapray.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = set(re.findall(r"\bray_gapray_\w+", exprs))
+    defined = _defined_metrics()
+    assert len(defined) >= 17, defined  # 10 run gauges, Serve, Data and the trainer's
+    assert set(defined.values()) == used, (set(defined.values()) ^ used)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"] == "gapray-run"

@@ -105,10 +105,34 @@ def test_summary_is_recomputed_from_the_ledgers(local_run):
     assert "## Composition split" in (local_run / "report.md").read_text()
 
 
-def test_a_finished_run_resubmitted_changes_nothing(local_run):
+def test_a_finished_run_resubmitted_changes_nothing(local_run, capsys):
     before = tree_digest(local_run)
     assert self_improve(ARGS + [f"run_dir={local_run}"]) == 0
     assert tree_digest(local_run) == before
+    assert f"[gapray] {local_run}: intact (" in capsys.readouterr().out  # its files verified first
+
+
+def test_gapray_verify_finds_every_file_of_a_finished_run_intact(local_run, capsys):
+    from gapray.cli import main as gapray
+
+    assert gapray(["verify", str(local_run)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"{local_run}: intact (") and "safetensors" in out[0], out
+
+
+def test_a_finished_run_with_a_damaged_ledger_part_is_refused(local_run, tmp_path, capsys):
+    """Before gapray.data.integrity the damage went unnoticed: every phase is complete, the job exited 0."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(local_run, run_dir)
+    part = VerdictLedger(run_dir / "ledger").parts(0)[0]
+    part.write_bytes(part.read_bytes()[:100])
+    before = tree_digest(run_dir)
+    assert self_improve(ARGS + [f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{part}: not a readable Parquet file" in err[0] and "sample/0 is complete" in err[0], err
+    assert tree_digest(run_dir) == before
 
 
 def test_gate_stops_a_run_trained_on_wrong_self_verdicts(tmp_path, capsys):

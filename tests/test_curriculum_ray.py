@@ -92,33 +92,40 @@ def submit(head, run_dir: Path) -> str:
     return re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
 
 
-def wait(head, job_id: str, until=None, timeout: float = 900) -> dict:
-    """Poll the job's status (and the metrics endpoint) until it ends or `until()` holds."""
+def wait(head, job_id: str, until=None, timeout: float = 900, scrape_after_s: float = 0) -> dict:
+    """Poll the job's status (and the metrics endpoint, once a second) until it ends or `until()` holds; then
+    go on scraping for `scrape_after_s` (what a scraper sees of the run's last values)."""
     statuses, samples = [], []
-    deadline = time.time() + timeout
+    deadline, ended = time.time() + timeout, None
     while time.time() < deadline:
-        status = get_json(f"{head['url']}/api/jobs/{job_id}")["status"]
-        statuses.append(status)
-        if until is not None and until():
-            break
+        if ended is None:
+            status = get_json(f"{head['url']}/api/jobs/{job_id}")["status"]
+            statuses.append(status)
+            if until is not None and until():
+                break
         if until is None:
             try:
                 with urllib.request.urlopen(head["metrics"], timeout=10) as r:
-                    samples.append(r.read().decode())
+                    samples.append((time.time(), r.read().decode()))
             except OSError:
                 pass
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if ended is None and status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            ended = time.time()
+        if ended is not None and time.time() >= ended + scrape_after_s:
             break
         time.sleep(0.2 if until is not None else 1.0)
     logs = get_json(f"{head['url']}/api/jobs/{job_id}/logs")["logs"]
-    return {"statuses": statuses, "metrics": samples, "logs": logs}
+    return {"statuses": statuses, "metrics": [text for _, text in samples], "samples": samples, "logs": logs}
 
 
 @pytest.fixture(scope="module")
 def submitted(head, tmp_path_factory):
     """`ray job submit` of self_improve, watched through the dashboard's job API and the metrics endpoint."""
     run_dir = tmp_path_factory.mktemp("submitted") / "run"
-    return {"run_dir": run_dir, **wait(head, submit(head, run_dir))}
+    return {"run_dir": run_dir, **wait(head, submit(head, run_dir), scrape_after_s=SCRAPE_EVERY_S + 5)}
+
+
+SCRAPE_EVERY_S = 15  # Prometheus' interval in Ray's default setup
 
 
 def metric_values(text: str, name: str) -> list[float]:
@@ -137,6 +144,30 @@ def test_job_submit_succeeds_and_reports_through_the_dashboard(submitted):
     assert max(metric_values(seen, "ray_gapray_images_sampled_total")) >= images
     sft = json.loads((submitted["run_dir"] / "state.json").read_text())["rounds"]["0"]["sample"]["sft"]
     assert sft in metric_values(seen, "ray_gapray_run_sft_samples")  # the driver's gauge carries the real count
+    # each logged training step is one line of the job log (Ray Train's patched print() used to print it twice)
+    logged = sum(len(p.read_text().splitlines()) for p in submitted["run_dir"].glob("checkpoints/round=*/*/metrics.jsonl"))
+    assert logged > 0 and submitted["logs"].count("[train] step ") == logged
+
+
+def test_run_gauges_are_seen_by_a_scraper_every_15_seconds(submitted):
+    """Every run-level gauge the run sets is seen by scrapes 15 s apart, the last measure's too (after the job
+    ends). Before the values were held and re-set, each vanished ~2 s after it was set."""
+    from gapray.gauges import NAMES
+
+    spaced, last = [], -SCRAPE_EVERY_S
+    for t, text in submitted["samples"]:
+        if t >= last + SCRAPE_EVERY_S:
+            spaced.append(text)
+            last = t
+    assert len(spaced) >= 3, len(spaced)
+    seen = "\n".join(spaced)
+    missing = [n for n in NAMES if not metric_values(seen, f"ray_gapray_run_{n}")]
+    assert not missing, missing
+    summary = json.loads((submitted["run_dir"] / "summary.json").read_text())
+    state = json.loads((submitted["run_dir"] / "state.json").read_text())
+    final = spaced[-1]  # taken after the job ended: the run's last values
+    assert metric_values(final, "ray_gapray_run_phases_completed") == [len(state["completed"])]
+    assert metric_values(final, "ray_gapray_run_non_unification") == [pytest.approx(summary["final"]["non_unification"], abs=1e-6)]
 
 
 def test_serve_replicas_reencode_the_training_images(submitted):

@@ -36,6 +36,7 @@ def test_text_list_task_from_stem_or_override(tmp_path):
 @pytest.mark.parametrize("line,needle", [
     ('{"tag": "colors", "prompt": "x"', "g.jsonl:2: not valid JSON"),
     ('["a"]', "g.jsonl:2: expected a JSON object"),
+    ('{"tag": "colors\t", "prompt": "x"}', "g.jsonl:2: not valid JSON (Invalid control character at column 16)"),
     ('{"tag": "colors", "include": [], "prompt": "x"}', "g.jsonl:2: 'include' must be a non-empty list"),
     ('{"tag": "colors", "include": [{"count": 1}], "prompt": "x"}', "g.jsonl:2: include[0] needs a 'class'"),
     ('{"tag": "c", "include": [{"class": "a", "count": 0}], "prompt": "x"}', "'count' must be an integer >= 1"),
@@ -84,6 +85,7 @@ def test_config_layers_and_presets(tmp_path):
     ("sampling.top_p=0", "'sampling.top_p': must be in (0, 1]"),
     ("backend=spark", "'backend': 'spark' is not one of"),
     ("seed", "must look like key=value"),
+    ("sampling.top_p=[0.9", "override 'sampling.top_p=[0.9': the value is not valid YAML"),
 ])
 def test_bad_config_is_one_clear_line(override, needle):
     with pytest.raises(UserError) as e:
@@ -95,3 +97,11 @@ def test_bad_config_is_one_clear_line(override, needle):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="config file .* not found"):
         load_config(MeasureConfig, tmp_path / "nope.yaml", [])
+
+
+def test_config_file_that_is_not_yaml_is_one_line(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "seed: 1\nimages_per_prompt: [2\nsampling: {}\n")
+    with pytest.raises(UserError) as e:
+        load_config(MeasureConfig, bad, [])
+    assert str(e.value).startswith(f"config file {bad}:3:") and "not valid YAML" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)

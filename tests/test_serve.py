@@ -5,6 +5,7 @@ import base64
 import io
 import ipaddress
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -159,3 +160,18 @@ def test_app_builder_and_serve_yaml():
         app_builder({"model": "tiny", "serve": {"max_batch_siz": 8}})
     with pytest.raises(UserError, match="max_batch_size"):
         app_builder({"model": "tiny", "serve": {"max_batch_size": 1}})
+
+
+def test_replicas_write_no_access_log_line_per_request(app, tiny):
+    """serve.access_log=false (the default): Serve's line per request ('CALL sample OK 12.3ms'), ~1,100 of the
+    ~1,500 lines `make run` printed, is not written; the replicas' own log lines still are."""
+    import ray
+
+    handle, _, _ = app
+    handle.sample.remote(PROMPTS[0], seeds_of(0)).result(timeout_s=120)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    replica_logs = list(logs.glob(f"replica_{APP}_*.log"))
+    assert replica_logs, sorted(p.name for p in logs.iterdir())
+    text = "\n".join(p.read_text() for p in replica_logs)
+    assert text.strip()  # the replica logs (start-up, batches) are there
+    assert not re.search(r"\bCALL \w+ OK [0-9.]+ms", text), re.search(r".*\bCALL \w+ OK .*", text).group(0)

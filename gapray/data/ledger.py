@@ -8,6 +8,9 @@ pyarrow and Ray Data read as one table. Guarantees, per round:
   - nothing lost: a part is complete or absent, and `missing` tells a re-run exactly which
     (prompt, sample_idx) still need an image, so an interrupted round resumes where it stopped and a
     finished one does no work at all.
+Integrity (gapray/data/integrity.py): every part has a manifest entry (rows, bytes, schema) written with it,
+and every read checks each part's footer and entry first: a damaged or foreign part is a UserError naming it.
+Moved aside, its keys are missing, so the phase that fills the round draws them again, with the same seeds.
 Assumes one writer per round at a time (the round's driver); parts may be written by many processes.
 """
 
@@ -22,6 +25,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from gapray.data.integrity import check_parquet, publish
 from gapray.data.schemas import LEDGER_SCHEMA
 from gapray.prompts import Prompt
 
@@ -42,9 +46,17 @@ class VerdictLedger:
         d = self.round_dir(round)
         return sorted(d.glob("part-*.parquet")) if d.is_dir() else []
 
+    def intact_parts(self, round: int) -> list[Path]:
+        """`parts`, each checked (footer, schema, manifest entry; no data read): a damaged one is a UserError."""
+        parts = self.parts(round)
+        for p in parts:
+            check_parquet(p, f"move it aside (mv {p} {p}.damaged) and submit again: a phase not yet complete draws "
+                             f"its rows again with the same seeds (`gapray verify RUN_DIR` says which)")
+        return parts
+
     # ---- reading ----------------------------------------------------------------------------------------
     def dataset(self, round: int) -> pads.Dataset:
-        return pads.dataset([str(p) for p in self.parts(round)], schema=LEDGER_SCHEMA, format="parquet")
+        return pads.dataset([str(p) for p in self.intact_parts(round)], schema=LEDGER_SCHEMA, format="parquet")
 
     def read(self, round: int, columns: list[str] | None = None) -> pa.Table:
         """A round's rows (all columns, or `columns`): for small rounds, tests and audits."""
@@ -59,7 +71,7 @@ class VerdictLedger:
 
     def count(self, round: int) -> int:
         """Rows stored for a round, duplicates included (from the Parquet footers: no data is read)."""
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts(round))
+        return sum(pq.read_metadata(p).num_rows for p in self.intact_parts(round))
 
     def keys(self, round: int) -> set[tuple[str, int]]:
         t = self.read(round, ["prompt_id", "sample_idx"])
@@ -98,7 +110,7 @@ class VerdictLedger:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pq.write_table(table, tmp)
-        os.replace(tmp, path)  # atomic: readers see the whole part or none of it
+        publish(tmp, path)  # its manifest entry, then the part, atomically: readers see all of it or none
         return path
 
     def write(self, round: int, rows: list[dict] | pa.Table) -> int:

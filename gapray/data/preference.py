@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from gapray.data.integrity import publish
 from gapray.data.ledger import VerdictLedger
 from gapray.data.schemas import DISCARD_SCHEMA, DPO_SCHEMA, SFT_SCHEMA
 from gapray.models.sampler import derive_seed
@@ -136,7 +137,8 @@ def local_reference(model, batch_size: int = 8) -> Reference:
 def build_preference_data(ledger: VerdictLedger, round: int, out_dir: str | Path, *, min_margin: float = 0.0,
                           reference: Reference | None = None, verdicts: Verdicts | None = None,
                           reencode: Reencode | None = None, prompts_per_chunk: int = 512) -> dict:
-    """Write sft/dpo/discard.parquet for one round of the ledger; returns counts. Files appear atomically.
+    """Write sft/dpo/discard.parquet for one round of the ledger; returns counts. Files appear atomically,
+    each with its manifest entry.
     `verdicts`, if given, replaces the ledger's verdicts before planning (corrupt_verdicts); `reencode`, if
     given, maps the sampled tokens of the images used to the tokens the rows carry."""
     out_dir = Path(out_dir)
@@ -169,7 +171,7 @@ def build_preference_data(ledger: VerdictLedger, round: int, out_dir: str | Path
         for w in writers.values():
             w.close()
     for name in OUTPUTS:
-        os.replace(tmp[name], out_dir / f"{name}.parquet")
+        publish(tmp[name], out_dir / f"{name}.parquet")  # with its manifest entry (gapray.data.integrity)
     return counts
 
 

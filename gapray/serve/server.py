@@ -357,7 +357,8 @@ def deployment_options(serve_cfg) -> dict:
     """ServeConfig -> Serve deployment options (replicas or autoscaling_config, resources, concurrency)."""
     s = _plain(serve_cfg)
     opts = {"ray_actor_options": {"num_cpus": s["num_cpus"], "num_gpus": s["num_gpus"]},
-            "max_ongoing_requests": s["max_ongoing_requests"]}
+            "max_ongoing_requests": s["max_ongoing_requests"],
+            "logging_config": {"enable_access_log": bool(s.get("access_log", False))}}
     if s.get("autoscaling_config"):
         opts["autoscaling_config"] = {k: v for k, v in s["autoscaling_config"].items() if v is not None}
     else:

@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -268,7 +269,10 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in SHOWN)
-            print(f"[train] step {metrics['step']} epoch {metrics['epoch']:.2f}: {shown}", flush=True)
+            # Not print(): in a Ray Train worker print() is patched to log the line through Train's logger and,
+            # stdout being redirected there, to print it as well, so every line reached the job log twice.
+            sys.stdout.write(f"[train] step {metrics['step']} epoch {metrics['epoch']:.2f}: {shown}\n")
+            sys.stdout.flush()
 
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "perf/image_tokens_per_s")
