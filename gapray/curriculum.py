@@ -356,11 +356,14 @@ class CurriculumDriver:
         epochs = c.train.epochs if not c.mode.startswith("c-") else (replay_epoch if part == "a" else c.train.epochs - replay_epoch)
         data = self.data_dir(r) if part == "a" else self.data_dir(r) / "with_replay"
         start = self.state.rounds[str(r)]["start_checkpoint"]  # the round's first policy: DPO's reference
+        # part a's pairs carry that policy's log-probs (data.ref_logprobs): no frozen copy; with_replay's replay
+        # pairs were drawn by part a's policy, so part b keeps the frozen copy of the round's first policy
+        reference = "data" if part == "a" and self._reference_in_data() else "model"
         tcfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(c.train), {
             "model": {**OmegaConf.to_container(c.model), "path": self.state.checkpoint or c.model.path},
             "data": str(data), "objective": objective, "epochs": epochs,
             "seed": derive_seed(c.seed, "train", c.train.seed, r, part) % 2**31,
-            "loss": {"reference": "model"}, "reference_model": start or c.model.path,
+            "loss": {"reference": reference}, "reference_model": start or c.model.path,
             "run_dir": str(self.run_dir / "checkpoints" / f"round={r}" / part),
             "overwrite": c.train.backend == "local",  # local training cannot resume: an interrupted one starts over
         })
@@ -371,6 +374,7 @@ class CurriculumDriver:
         self.state.checkpoint = result.model_dir
         self.state.policy_version += 1
         self.state.rounds[str(r)][f"train_{part}"] = {"epochs": epochs, "steps": result.steps, "objective": objective,
+                                                      "reference": reference if objective == "dpo" else None,
                                                       "metrics": {k: v for k, v in result.metrics.items()
                                                                   if isinstance(v, (int, float))}}
         self.gauges.set(train_loss=result.metrics.get("loss"))
@@ -384,8 +388,7 @@ class CurriculumDriver:
         self.backend.fill(prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "replay", r),
                           desc=f"replay/{r}")
         counts = build_preference_data(ledger, r, self.data_dir(r) / "replay", min_margin=self.cfg.data.min_margin,
-                                       verdicts=self._verdicts("replay", r), reencode=self._reencode(),
-                                       reference=self._reference())
+                                       verdicts=self._verdicts("replay", r), reencode=self._reencode())
         still = set(_prompt_ids(self.data_dir(r) / "replay" / "discard.parquet"))
         out = self.data_dir(r) / "with_replay"
         out.mkdir(parents=True, exist_ok=True)
@@ -407,12 +410,14 @@ class CurriculumDriver:
         seed = derive_seed(self.cfg.seed, "corrupt", phase, r)
         return lambda table: corrupt_verdicts(table, c.mode, c.rate, seed, self.cfg.scoring.threshold)
 
+    def _reference_in_data(self) -> bool:
+        return bool(self.cfg.data.ref_logprobs) and self.cfg.mode.endswith("dpo")
+
     def _reference(self):
-        """data.ref_logprobs with a DPO mode: the pairs carry the reference log-probs, computed now by the policy
-        that drew them (the model the round's DPO starts from), so the trainer holds no frozen second model."""
-        if self.cfg.data.ref_logprobs and self.cfg.mode.endswith("dpo"):
-            return self.backend.reference()
-        return None
+        """data.ref_logprobs with a DPO mode: a round's pairs carry the reference log-probs, computed while they
+        are built by the policy that drew them, the round's first policy (DPO's reference), so its training
+        (train/r/a) holds no frozen second model."""
+        return self.backend.reference() if self._reference_in_data() else None
 
     def _reencode(self):
         """Training rows carry the decoded pictures' VQ tokens (data.reencode_images), by the serving model."""

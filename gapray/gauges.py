@@ -1,9 +1,12 @@
 """Run-level gauges for the Ray dashboard and Prometheus: `gapray_run_*`, tagged with the run's name.
 
-Ray's metrics agent forgets a gauge value that its process has not set again within two report intervals
-(`ray._private.telemetry.open_telemetry_metric_recorder`: the TTL is 2 x metrics_report_interval_ms), and a
-process only reports a value when it is set. A value set once per phase was therefore visible for ~2 s with
-a 1 s report interval: a Prometheus scrape every 15 s (Ray's default setup) saw almost none of them.
+Ray's metrics agent drops a gauge value not refreshed within two report intervals
+(`ray._private.telemetry.open_telemetry_metric_recorder`: TTL 2 x metrics_report_interval_ms). On a `ray start
+--head` cluster with a 1 s interval, values the driver set once per phase were seen for only ~1-2 s (the issue's
+measurement), and a Prometheus scrape every 15 s (Ray's default setup) missed most of them; in an embedded
+`ray.init` a set-once gauge of a live actor stayed visible (checked for 20 s), so the cluster path's exact cause
+was not isolated. Holding the values and setting them again on a timer makes visibility not depend on it, and
+a driver actor that ends with the job no longer takes the last values with it.
 
 So the values live in one small detached actor per run, `RunGauges`, which sets every value it holds again
 at half the report interval for the life of the run, and for `linger_s` after the run ends (so the last

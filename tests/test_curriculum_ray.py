@@ -151,7 +151,7 @@ def test_job_submit_succeeds_and_reports_through_the_dashboard(submitted):
 
 def test_run_gauges_are_seen_by_a_scraper_every_15_seconds(submitted):
     """Every run-level gauge the run sets is seen by scrapes 15 s apart, the last measure's too (after the job
-    ends). Before the values were held and re-set, each vanished ~2 s after it was set."""
+    ends). Issue 19 measured the old driver-held gauges visible for only ~1-2 s after each was set."""
     from gapray.gauges import NAMES
 
     spaced, last = [], -SCRAPE_EVERY_S

@@ -44,7 +44,12 @@ def test_pairs_carry_the_starting_policys_reference_logprobs(dpo_run):
 
 
 def test_training_uses_the_stored_reference(dpo_run):
+    import json
+
     from gapray.config import TrainConfig
+
+    state = json.loads((dpo_run / "state.json").read_text())
+    assert state["rounds"]["0"]["train_a"]["reference"] == "data"  # the driver trained on them, no frozen copy
     from gapray.train.loop import plan_run
 
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig),
