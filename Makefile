@@ -28,7 +28,7 @@ reproduce: $(STAMP)
 	$(BIN)/python jobs/reproduce.py
 
 bench: $(STAMP)
-	$(BIN)/python bench/sampler.py --model tiny
+	$(BIN)/python bench/sampler.py --models tiny
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

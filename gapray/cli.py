@@ -69,12 +69,13 @@ def format_summary(summary: dict) -> str:
         lo, hi = s["ci95"]
         lines.append(f"{task:<16}{s['n']:>8}{s['k']:>10}{(s['value'] or 0):>11.3f}  [{lo:.3f}, {hi:.3f}]"
                      + (f"  ({s['unparsed']} unparsed)" if s.get("unparsed") else ""))
-    if "oracle" in summary:  # prompts from the shapes world: the oracle's figures too
+    if "oracle" in summary:  # an external judge (the shapes oracle, a VLM): its figures too
         o, pct = summary["oracle"], lambda v: "-" if v is None else f"{100 * v:.1f}%"
         f = {k: pct(v["value"]) for k, v in o["overall"].items()}
-        lines.append(f"oracle: Gen. {f['generation_accuracy']} of images, GenEval score "
+        lines.append(f"{summary.get('judge_model') or 'oracle'}: Gen. {f['generation_accuracy']} of images, GenEval score "
                      f"{pct(o['geneval_score']['value'])} (mean of {o['geneval_score']['n_tasks']} tasks), "
-                     f"understanding {f['understanding_accuracy']}, weak-generation {f['weak_generation_rate']}")
+                     f"understanding {f['understanding_accuracy']}, weak-generation {f['weak_generation_rate']}, "
+                     f"false acceptance {f['false_acceptance_rate']}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ class ModelConfig:
     path: str = "tiny"  # hub id (org/name), a save_pretrained directory, or a built-in name
     dtype: str = "float32"
     device: str = "auto"  # auto = cuda if available, else cpu
+    compile: bool = False  # sample through a torch.compile'd decode step (CUDA graphs on a GPU; issue 16)
 
 
 @dataclass
@@ -79,6 +80,10 @@ class ServeConfig:
     route_prefix: Optional[str] = "/gapray"  # HTTP routes <prefix>/sample, <prefix>/score; null: handles only
     http_port: int = 8000  # the Serve HTTP proxy, always on 127.0.0.1 (used when gapray starts Serve)
     access_log: bool = False  # Serve's line per request (one per handle call: ~1,100 of `make run`'s ~1,500 lines)
+    # Delete the app before each training phase and deploy it again after, so that the trainer gets the GPUs the
+    # replicas hold (on one 8-GPU machine an 8-worker trainer never schedules beside a GPU replica). auto: when
+    # both the replicas (num_gpus > 0) and the trainer's workers reserve GPUs; always; never.
+    release_for_training: str = "auto"
 
 
 @dataclass
@@ -99,6 +104,29 @@ class ServeAppConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 
+JUDGE_KINDS = ("oracle", "vlm", "none")
+JUDGE_MODES = ("logits", "generate")
+
+
+@dataclass
+class JudgeConfig:
+    """The external judge (gapray/judges/): the Gen., weak-generation, false-acceptance and win-rate figures and the
+    gate's audit read its verdicts (the ledger's oracle_verdict column, with judge_model and judge_p)."""
+    kind: Optional[str] = None  # oracle | vlm | none; null: gate.judge's (a run with a gate), else vlm when `model`
+    # is set, else oracle (the shapes world's pixel oracle; prompts without world metadata get no verdict)
+    model: Optional[str] = None  # vlm: any image-text-to-text hub id (Qwen/Qwen2.5-VL-7B-Instruct) or directory
+    mode: str = "logits"  # logits: P("1") vs P("0") after "The score is"; generate: a greedy answer, parsed
+    dtype: str = "bfloat16"
+    device: str = "auto"  # auto = cuda if available, else cpu (backend=local: beside the policy)
+    device_map: Optional[str] = None  # "auto": shard a judge too big for one GPU (72B in bf16 is ~147 GB) over all
+    # visible GPUs (accelerate's device_map; overrides `device`)
+    batch_size: int = 8  # images per judge forward
+    threshold: float = 0.5  # verdict = p >= threshold
+    max_new_tokens: int = 16  # generate mode
+    num_gpus: Optional[float] = None  # backend=ray: GPUs per pipeline score actor, each holding a copy of the VLM
+    # judge (data.concurrency of them); null: a policy replica's share (serve.num_gpus)
+
+
 @dataclass
 class MeasureConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -116,6 +144,7 @@ class MeasureConfig:
     backend: str = "local"
     serve: ServeConfig = field(default_factory=ServeConfig)  # backend=ray only
     data: DataConfig = field(default_factory=DataConfig)  # backend=ray only
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # the external judge (default: the shapes oracle)
 
 
 # ---- training (gapray/train/, jobs/train.py, conf/train.yaml) ----------------------------------------
@@ -168,6 +197,9 @@ class TrainScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # GPUs each worker reserves (null: 1 with use_gpu, else 0). Reserved GPUs without use_gpu are logical
+    # only: a CPU rehearsal of a GPU cluster's scheduling (`ray start --num-gpus=N`), as the tests do.
+    gpus_per_worker: Optional[float] = None
 
 
 @dataclass
@@ -186,6 +218,9 @@ class TrainRecipe:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs, benchmarks)
     micro_batch_size: int = 2  # rows per worker per forward; a DPO row is a pair (2 images)
     gradient_accumulation_steps: int = 1
+    # recompute the language model's activations in backward: activation memory of one layer instead of all,
+    # for about one more forward per step (on in the 7B preset)
+    gradient_checkpointing: bool = False
     shuffle_buffer: int = 1024  # rows in the seeded local shuffle buffer (0: file order)
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
@@ -210,14 +245,15 @@ class TrainConfig(TrainRecipe):
 
 # ---- self-improvement (gapray/curriculum.py, jobs/self_improve.py, conf/self_improve.yaml) -----------------
 MODES = ("sft", "dpo", "c-sft", "c-dpo")  # PAPER.md: Algorithm 1 (sft, dpo), + Algorithm 2's replay (c-)
-GATE_JUDGES = ("oracle", "none")
+GATE_JUDGES = ("oracle", "vlm", "none")
 GATE_ACTIONS = ("stop", "warn")
 
 
 @dataclass
 class GateConfig:
     """The data-quality gate (PAPER.md, co-degradation): an external judge audits accepted images every round."""
-    judge: str = "oracle"  # oracle: the shapes world's pixel oracle (prompts without world metadata: not audited)
+    judge: str = "oracle"  # oracle: the shapes world's pixel oracle (prompts without world metadata: not audited);
+    # vlm: the VLM of judge.model; none: no audit. Names the run's external judge too, unless judge.kind does
     audit_size: int = 64  # accepted images audited per round (random, seeded)
     min_precision: float = 0.5  # the gate fires when fewer of the audited accepted images are right
     on_fail: str = "stop"  # stop: the run stops (exit 3); warn: recorded and printed, the run goes on (jobs/reproduce.py
@@ -255,6 +291,7 @@ class SelfImproveConfig:
     replay_epoch: Optional[int] = None  # c-modes: replay the discard pool after this epoch (null: half of train.epochs)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     gate: GateConfig = field(default_factory=GateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # the external judge (gate.judge names its kind)
     corrupt_judge: CorruptJudgeConfig = field(default_factory=CorruptJudgeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # backend=ray
     data: DataConfig = field(default_factory=DataConfig)  # backend=ray
@@ -467,6 +504,8 @@ def check_values(cfg: DictConfig) -> None:
         _require(s.temperature >= 0, "sampling.temperature", f"must be >= 0 (0 = greedy), got {s.temperature}")
         _require(s.top_k is None or s.top_k >= 1, "sampling.top_k", f"must be >= 1 or null, got {s.top_k}")
         _require(s.top_p is None or 0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1] or null, got {s.top_p}")
+    if "judge" in cfg:
+        check_judge(cfg)
     if "scoring" in cfg:
         _choice("scoring.mode", cfg.scoring.mode, SCORE_MODES)
         _require(0 <= cfg.scoring.threshold <= 1, "scoring.threshold", f"must be in [0, 1], got {cfg.scoring.threshold}")
@@ -488,6 +527,68 @@ def check_values(cfg: DictConfig) -> None:
         _require(d.request_retries >= 0, "data.request_retries", f"must be >= 0, got {d.request_retries}")
 
 
+def judge_kind(cfg) -> str:
+    """The run's one external judge: judge.kind; else the gate's (gate.judge, when it audits); else the VLM when
+    judge.model names one; else the shapes oracle (as before the VLM judge existed)."""
+    j = cfg.judge
+    if j.kind is not None:
+        return j.kind
+    gate = cfg.gate.judge if "gate" in cfg else "none"
+    if gate != "none":
+        return gate
+    return "vlm" if j.model else "oracle"
+
+
+def check_judge(cfg: DictConfig) -> None:
+    j = cfg.judge
+    if j.kind is not None:
+        _choice("judge.kind", j.kind, JUDGE_KINDS)
+    if "gate" in cfg:
+        _choice("gate.judge", cfg.gate.judge, GATE_JUDGES)
+    kind = judge_kind(cfg)
+    if "gate" in cfg:
+        _require(cfg.gate.judge in ("none", kind), "gate.judge",
+                 f"'{cfg.gate.judge}' is not the run's external judge (judge.kind={kind}): the gate audits with "
+                 f"that one; set gate.judge={kind}" + (" or gate.judge=none" if kind != "none" else ""))
+    if kind == "vlm":
+        _require(bool(j.model), "judge.model", "the vlm judge needs a model: a hub id (e.g. "
+                 "judge.model=Qwen/Qwen2.5-VL-7B-Instruct) or a save_pretrained directory")
+        path = Path(j.model)
+        looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", j.model) is not None and not path.exists()
+        _require(path.exists() or looks_like_hub_id, "judge.model",
+                 f"'{j.model}' is neither a directory nor a hub id (org/name)")
+        _require(not path.exists() or (path / "config.json").is_file(), "judge.model",
+                 f"'{j.model}' has no config.json; point it at a save_pretrained directory")
+    else:  # a judge.model the run would not use: say so instead of ignoring it
+        vlm = "gate.judge=vlm" if "gate" in cfg and cfg.gate.judge != "none" and j.kind is None else "judge.kind=vlm"
+        _require(j.model is None, "judge.model", f"is set ('{j.model}') but the external judge is {kind}: "
+                 f"set {vlm}, or judge.model=null")
+    _choice("judge.mode", j.mode, JUDGE_MODES)
+    _choice("judge.dtype", j.dtype, DTYPES)
+    _check_device("judge.device", j.device)
+    _require(j.device_map in (None, "auto", "balanced", "sequential"), "judge.device_map",
+             f"'{j.device_map}' is not null, auto, balanced or sequential")
+    _require(j.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {j.batch_size}")
+    _require(0 <= j.threshold <= 1, "judge.threshold", f"must be in [0, 1], got {j.threshold}")
+    _require(j.max_new_tokens >= 1, "judge.max_new_tokens", f"must be >= 1, got {j.max_new_tokens}")
+    _require(j.num_gpus is None or j.num_gpus >= 0, "judge.num_gpus", f"must be >= 0 or null, got {j.num_gpus}")
+
+
+def worker_gpus(scaling) -> float:
+    """The GPUs a Ray Train worker reserves: train.scaling.gpus_per_worker, else 1 with use_gpu."""
+    return float(scaling.gpus_per_worker) if scaling.gpus_per_worker is not None else float(scaling.use_gpu)
+
+
+def serve_released_for_training(cfg) -> bool:
+    """Whether the driver deletes the Serve app before each training phase (serve.release_for_training)."""
+    mode = cfg.serve.release_for_training
+    if cfg.backend != "ray" or mode == "never" or "train" not in cfg:  # gapray measure trains nothing
+        return False
+    if mode == "always":
+        return True
+    return cfg.serve.num_gpus > 0 and cfg.train.backend == "ray" and worker_gpus(cfg.train.scaling) > 0
+
+
 def check_serve(s: DictConfig) -> None:
     _require(s.num_replicas >= 1, "serve.num_replicas", f"must be >= 1, got {s.num_replicas}")
     _require(s.num_cpus >= 0 and s.num_gpus >= 0, "serve.num_cpus", "num_cpus and num_gpus must be >= 0")
@@ -498,6 +599,7 @@ def check_serve(s: DictConfig) -> None:
              f"must be >= serve.max_batch_size ({s.max_batch_size}) so that batches can fill, "
              f"got {s.max_ongoing_requests}")
     _require(1 <= s.http_port <= 65535, "serve.http_port", f"must be a port number, got {s.http_port}")
+    _choice("serve.release_for_training", s.release_for_training, ("auto", "always", "never"))
     _require(s.route_prefix is None or s.route_prefix.startswith("/"), "serve.route_prefix",
              f"must start with '/' or be null, got '{s.route_prefix}'")
     a = s.autoscaling_config
@@ -519,7 +621,7 @@ def check_self_improve(cfg: DictConfig) -> None:
         e, r = cfg.train.epochs, cfg.replay_epoch
         _require(e >= 2, "train.epochs", f"{cfg.mode} replays the discard pool between epochs: needs >= 2, got {e}")
         _require(r is None or 1 <= r < e, "replay_epoch", f"must be in 1..{e - 1} (train.epochs - 1) or null, got {r}")
-    _choice("gate.judge", cfg.gate.judge, GATE_JUDGES)
+    _choice("gate.judge", cfg.gate.judge, GATE_JUDGES)  # with the judge it names: check_judge
     _require(cfg.gate.audit_size >= 1, "gate.audit_size", f"must be >= 1, got {cfg.gate.audit_size}")
     _require(0 <= cfg.gate.min_precision <= 1, "gate.min_precision", f"must be in [0, 1], got {cfg.gate.min_precision}")
     _choice("gate.on_fail", cfg.gate.on_fail, GATE_ACTIONS)
@@ -584,6 +686,9 @@ def check_recipe(cfg: DictConfig, prefix: str = "") -> None:
     require(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3")
     require(cfg.scaling.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {cfg.scaling.num_workers}")
     require(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
+    g = cfg.scaling.gpus_per_worker
+    require(g is None or (g >= 0 and (g == int(g) or not cfg.scaling.use_gpu)), "scaling.gpus_per_worker",
+            f"must be null or >= 0, and whole with use_gpu (a DeepSpeed rank drives whole GPUs), got {g}")
     c = cfg.checkpoint
     require(c.every_n_steps is None or c.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1 or null")
     require(c.num_to_keep is None or c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be >= 1 or null")
@@ -615,15 +720,18 @@ def load_model(cfg: ModelConfig | DictConfig):
     from gapray.models import JanusModel
 
     check_model(cfg)
+    compile = bool(getattr(cfg, "compile", False))
     if cfg.path in BUILTIN_MODELS:
         from gapray.models.builders import build_tiny_janus
         model, processor = build_tiny_janus()
-        return JanusModel(model.to(cfg.device if cfg.device != "auto" else "cpu"), processor)
+        return JanusModel(model.to(cfg.device if cfg.device != "auto" else "cpu"), processor, compile=compile)
     if cfg.path in SHIPPED_MODELS:
-        return JanusModel.from_pretrained(str(SHIPPED_MODELS[cfg.path]), dtype=cfg.dtype, device=cfg.device)
+        return JanusModel.from_pretrained(str(SHIPPED_MODELS[cfg.path]), dtype=cfg.dtype, device=cfg.device,
+                                          compile=compile)
     looks_like_hub_id = not Path(cfg.path).exists()
     try:  # the local cache first: no network round-trips when the model is already here
-        return JanusModel.from_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, local_files_only=True)
+        return JanusModel.from_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, local_files_only=True,
+                                          compile=compile)
     except OSError as e:
         if not looks_like_hub_id:
             raise UserError(f"model.path: could not load '{cfg.path}': {str(e).splitlines()[0][:200]}") from None
@@ -631,7 +739,7 @@ def load_model(cfg: ModelConfig | DictConfig):
 
     hub_logging.set_verbosity_error()  # one error line, not one warning per retry
     try:
-        return JanusModel.from_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device)
+        return JanusModel.from_pretrained(cfg.path, dtype=cfg.dtype, device=cfg.device, compile=compile)
     except OSError as e:
         raise UserError(f"model.path: could not load '{cfg.path}' from the hub or its local cache (is the hub "
                         f"reachable, the id right?): {str(e).splitlines()[0][:160]}") from None

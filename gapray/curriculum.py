@@ -3,7 +3,8 @@
     measure/0 ─► round r = 0 .. rounds-1:
                    sample/r   N images per training prompt, judged by the model itself -> ledger/round=r,
                               then data/round=r/{sft,dpo,discard}.parquet (Algorithm 1)
-                   gate/r     an external judge (the shapes oracle) audits a sample of the accepted images;
+                   gate/r     the external judge (gate.judge: the shapes oracle or a VLM, gapray/judges/) audits a
+                              sample of the accepted images (its verdicts, in the ledger since sample/r);
                               precision below gate.min_precision stops the run (co-degradation), or with
                               gate.on_fail=warn is recorded and the run goes on
                    train/r/a  SFT or DPO on the round's data: all epochs, or (c-sft, c-dpo) up to replay_epoch;
@@ -30,8 +31,12 @@ the driver is a named actor, see jobs/self_improve.py) and `LocalBackend` (one p
 the model in memory). Both write the same ledger rows for the same seeds.
 corrupt_judge (mode flip/noise, rate) corrupts the verdicts the sample and replay phases build data from (and
 the gate audits): poor supervision on purpose; the ledgers and every measure keep the model's own verdicts.
-Not done: an external judge for models outside the shapes world (another VLM as its own Serve app); C-DPO's
-replay pairs are rebuilt from the replayed prompts' own candidates (the paper does not say how).
+External judge: built once from config (gapray.judges.build_judge: judge.kind / gate.judge), it judges every image
+the sample, replay and measure phases draw (the ledger's oracle_verdict, judge_model, judge_p); rescoring the base
+images for the win rate asks only the policy again (the base images' external verdicts are already there).
+Not done: the VLM judge as its own Serve app (JudgeServer); with backend=ray it runs in the pipeline's score
+actors (gapray/data/pipeline.py). C-DPO's replay pairs are rebuilt from the replayed prompts' own candidates
+(the paper does not say how).
 """
 
 from __future__ import annotations
@@ -49,12 +54,14 @@ import torch
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from gapray.config import SelfImproveConfig, TrainConfig, check_values, load_model
+from gapray.config import (SelfImproveConfig, TrainConfig, check_values, judge_kind, load_model,
+                           serve_released_for_training)
 from gapray.data.integrity import publish, read_table
 from gapray.data.ledger import VerdictLedger
 from gapray.data.preference import OUTPUTS, build_preference_data, corrupt_verdicts
 from gapray.errors import UserError
 from gapray.gauges import RunGauges
+from gapray.judges import build_judge
 from gapray.selfjudge import judge_samples, sample_and_score_images, summarize
 from gapray.metrics import by_task, win_rate
 from gapray.models import SampleOutput, SamplingParams
@@ -122,6 +129,7 @@ class LocalBackend:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.model = load_model(cfg.model)
+        self.judge = build_judge(cfg)  # the external judge, loaded once beside the policy (None: judge.kind=none)
         self.checkpoint: str | None = None
         self.policy_version = 0
 
@@ -142,7 +150,7 @@ class LocalBackend:
             for start in range(0, len(todo), self.cfg.batch_prompts):
                 chunk = todo[start:start + self.cfg.batch_prompts]
                 rows = sample_and_score_images(self.model, chunk, sampling, seed, self.cfg.scoring.mode,
-                                               self.cfg.scoring.threshold)
+                                               self.cfg.scoring.threshold, self.judge)
                 added += self._write(ledger, round, rows)
                 bar.update(len(rows))
         return added
@@ -156,6 +164,7 @@ class LocalBackend:
             chunk = todo[start:start + 64]
             flat = [by_id[r["prompt_id"]] for r in chunk]
             out = SampleOutput(tokens=_tokens(chunk), logprobs=_logprobs(chunk), seeds=[r["seed"] for r in chunk])
+            # the policy's verdicts only: the win rate reads the external verdicts of the original rows
             added += self._write(ledger, round, judge_samples(self.model, flat, [r["sample_idx"] for r in chunk], out,
                                                               self.cfg.scoring.mode, self.cfg.scoring.threshold))
         return added
@@ -193,6 +202,12 @@ class RayBackend:
         # replicas, no restart (on resume: a no-op when Serve already serves this policy)
         deploy(self.cfg.model, self.cfg.serve, name=self.app, checkpoint=checkpoint, policy_version=policy_version)
         self.policy_version = policy_version
+
+    def release(self) -> None:
+        """Delete the app (its replicas and the GPUs they hold) until serve() deploys it again."""
+        from ray import serve
+
+        serve.delete(self.app)  # returns once the replicas are gone and their resources are free
 
     def fill(self, prompts: list[Prompt], ledger: VerdictLedger, round: int, k: int, seed: int, desc: str) -> int:
         from gapray.data.pipeline import fill_ledger
@@ -319,7 +334,7 @@ class CurriculumDriver:
     def _gate(self, r: str) -> None:
         r = int(r)
         audit = {"judge": self.cfg.gate.judge}
-        if self.cfg.gate.judge == "oracle":
+        if self.cfg.gate.judge != "none":  # the run's external judge (config.check_judge): its ledger verdicts
             t = VerdictLedger(self.run_dir / "ledger").read(r, ["prompt_id", "sample_idx", "p_aligned", "verdict",
                                                                  "oracle_verdict"])
             corrupt = self._verdicts("sample", r)  # audit what training will see
@@ -330,6 +345,7 @@ class CurriculumDriver:
             rng = np.random.default_rng(derive_seed(self.cfg.seed, "audit", r) % 2**32)
             picked = [accepted[i] for i in rng.permutation(len(accepted))[:self.cfg.gate.audit_size]]
             right = sum(o == 1 for _, _, o in picked)
+            audit["judge_model"] = self._judge_model()
             audit.update(audited=len(picked), right=right, precision=right / len(picked) if picked else None)
         self.state.rounds[str(r)]["gate"] = audit
         precision = audit.get("precision")
@@ -337,8 +353,8 @@ class CurriculumDriver:
         audit["fired"] = precision is not None and precision < self.cfg.gate.min_precision
         if not audit["fired"]:
             return
-        message = (f"data-quality gate: round {r}: the {self.cfg.gate.judge} judge finds only {audit['right']} of "
-                   f"{audit['audited']} audited accepted images right (precision {precision:.2f} < gate.min_precision "
+        message = (f"data-quality gate: round {r}: the external judge ({audit['judge_model']}) finds only "
+                   f"{audit['right']} of {audit['audited']} audited accepted images right (precision {precision:.2f} < gate.min_precision "
                    f"{self.cfg.gate.min_precision}); training on these self-verdicts would teach the model its own "
                    f"mistakes (co-degradation). Inspect {self.run_dir / 'ledger' / f'round={r}'}")
         if self.cfg.gate.on_fail == "warn":
@@ -370,6 +386,8 @@ class CurriculumDriver:
         check_values(tcfg)
         from gapray.train import run_training
 
+        if serve_released_for_training(c):  # the trainer gets the replicas' GPUs; serve() below deploys again
+            self.backend.release()
         result = run_training(tcfg)
         self.state.checkpoint = result.model_dir
         self.state.policy_version += 1
@@ -401,6 +419,10 @@ class CurriculumDriver:
         self.state.rounds[str(r)]["replay"] = {**counts, "pool": len(pool), "admitted": len(pool - still)}
         self.state.discard_pool = sorted(still)
         self.gauges.set(replay_admitted=len(pool - still), discard_pool=len(still))
+
+    def _judge_model(self) -> str:
+        """What the report and messages call the external judge: "oracle" or the VLM's id or path."""
+        return self.cfg.judge.model if judge_kind(self.cfg) == "vlm" else judge_kind(self.cfg)
 
     def _verdicts(self, phase: str, r: int):
         """The verdicts training data is built from: the model's own (None), or corrupted on purpose."""
@@ -454,7 +476,9 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path))
     now = OmegaConf.to_container(cfg, resolve=True)
+    # a section added to the schema after the run was saved (e.g. judge) had its default then
+    defaults = OmegaConf.to_container(OmegaConf.structured(SelfImproveConfig))
     for key in sorted(set(saved) | set(now)):
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key):
+        if key not in RESUME_MAY_CHANGE and saved.get(key, defaults.get(key)) != now.get(key):
             raise UserError(f"run_dir '{run_dir}' holds a run with another '{key}' ({saved.get(key)!r}, now "
                             f"{now.get(key)!r}); resume it with the same config, or choose another run_dir")

@@ -3,10 +3,11 @@
 For every prompt: sample K images (our CFG sampler, one seed per image), decode them, ask the same
 model the verdict question about each, and record one row per image. Outputs in the run directory:
   verdicts.parquet  one row per image (schema: gapray.data.schemas.VERDICT_SCHEMA)
-  summary.json      non-unification overall and per task, with counts and 95% Wilson intervals; when
-                    the prompts come from the shapes world, also the oracle's figures (generation
-                    accuracy, understanding accuracy, weak-generation rate), per task and overall,
-                    and GenEval's overall score (the mean of the per-task generation accuracies)
+  summary.json      non-unification overall and per task, with counts and 95% Wilson intervals; with an
+                    external judge (judge.kind: the shapes oracle for world prompts, or a VLM for any
+                    prompt), also its figures under "oracle" (generation accuracy, understanding accuracy,
+                    weak-generation and false-acceptance rates), per task and overall, GenEval's overall
+                    score (the mean of the per-task generation accuracies), and which judge (`judge_model`)
   grids/<task>.png  images with their verdicts drawn on them
 
 The unit of work of both backends is in gapray/selfjudge.py (the Ray-free core): the local loop here calls
@@ -26,10 +27,11 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gapray.config import check_model, load_model
+from gapray.config import check_model, judge_kind, load_model
 from gapray.data.integrity import publish
 from gapray.data.schemas import to_table
 from gapray.errors import UserError
+from gapray.judges import build_judge
 from gapray.models import SamplingParams, UnifiedModel
 from gapray.preflight import check_measure
 from gapray.prompts import Prompt, load_prompts
@@ -38,14 +40,14 @@ from gapray.selfjudge import sample_and_score, summarize
 OUTPUTS = ("verdicts.parquet", "summary.json")
 
 
-def measure_local(cfg: DictConfig, model: UnifiedModel, prompts: list[Prompt]) -> list[dict]:
+def measure_local(cfg: DictConfig, model: UnifiedModel, prompts: list[Prompt], judge=None) -> list[dict]:
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling))
     rows = []
     bar = tqdm(total=len(prompts) * cfg.images_per_prompt, unit="img", desc="sample+score", dynamic_ncols=True)
     for start in range(0, len(prompts), cfg.batch_prompts):
         batch = prompts[start:start + cfg.batch_prompts]
         rows += sample_and_score(model, batch, cfg.images_per_prompt, sampling, cfg.seed,
-                                 cfg.scoring.mode, cfg.scoring.threshold)
+                                 cfg.scoring.mode, cfg.scoring.threshold, judge)
         bar.update(len(batch) * cfg.images_per_prompt)
     bar.close()
     return rows
@@ -77,14 +79,16 @@ def run_measure(cfg: DictConfig) -> dict:
     # start leaves nothing behind.
     if cfg.backend == "ray":
         check_model(cfg.model)
-        model = None
+        model = judge = None  # the pipeline's score actors build the judge (gapray/data/pipeline.py)
     else:
         model = load_model(cfg.model)
+        judge = build_judge(cfg)  # the external judge beside the policy (None: judge.kind=none)
     t0 = time.perf_counter()
 
     def write_outputs(rows: list[dict], decode) -> dict:
         """verdicts.parquet, summary.json, config.yaml, grids/ (`decode`: image tokens -> RGB arrays)."""
         seconds = time.perf_counter() - t0
+        kind = judge_kind(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / ".verdicts.parquet.tmp"
         pq.write_table(to_table(rows), tmp)
@@ -92,6 +96,8 @@ def run_measure(cfg: DictConfig) -> dict:
         summary = {**summarize(rows), "model": cfg.model.path, "prompts": cfg.prompts,
                    "n_prompts": len(prompts), "images_per_prompt": cfg.images_per_prompt,
                    "n_images": len(rows), "score_mode": cfg.scoring.mode, "threshold": cfg.scoring.threshold,
+                   "judge": {"kind": kind, "model": cfg.judge.model if kind == "vlm" else kind,
+                             "mode": cfg.judge.mode},
                    "seed": cfg.seed, "seconds": round(seconds, 2),
                    "images_per_second": round(len(rows) / seconds, 3) if seconds else None}
         write_atomic(run_dir / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
@@ -104,5 +110,5 @@ def run_measure(cfg: DictConfig) -> dict:
     if cfg.backend == "ray":
         from gapray.data.pipeline import measure_ray
         return measure_ray(cfg, prompts, write_outputs)
-    return write_outputs(measure_local(cfg, model, prompts), model.decode)
+    return write_outputs(measure_local(cfg, model, prompts, judge), model.decode)
 

@@ -36,7 +36,7 @@ import os
 import re
 from pathlib import Path
 
-from gapray.config import BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, check_model
+from gapray.config import BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, check_model, serve_released_for_training, worker_gpus
 from gapray.errors import UserError
 
 HUB_TIMEOUT_S = 5.0
@@ -97,9 +97,11 @@ def ray_demands(cfg) -> list[tuple[str, dict[str, float], int]]:
                     {"CPU": s.num_cpus, "GPU": s.num_gpus}, floor))
     if "train" in cfg and cfg.train.backend == "ray":
         sc = cfg.train.scaling
-        bundle = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
+        gpus = worker_gpus(sc)
+        bundle = {"CPU": sc.cpus_per_worker, "GPU": gpus}
         out.append((f"training (train.scaling: {sc.num_workers} workers, cpus_per_worker={sc.cpus_per_worker:g}"
-                    f"{', use_gpu=true: 1 GPU each' if sc.use_gpu else ''})", bundle, sc.num_workers))
+                    f"{f', use_gpu={str(sc.use_gpu).lower()}: {gpus:g} GPU each' if gpus else ''})", bundle,
+                    sc.num_workers))
     return out
 
 
@@ -137,13 +139,18 @@ def check_resources(cfg, local: Resources, target: Resources) -> None:
             largest = ", ".join(f"[{_fmt(s)}]" for s in target.shapes()[:4])
             raise UserError(f"{key}: one asks for {_fmt(need)}, but no node of {target.where} can hold that "
                             f"(nodes and node types: {largest}); ask for less, or add such a node")
-    held = sum(bundle["GPU"] * n for _, bundle, n in demands)
-    if gpu_keys and held > have:
-        parts = " + ".join(f"{n} x {bundle['GPU']:g} for {key.split(' ')[0]}" for key, bundle, n in demands
-                           if bundle["GPU"] > 0)
-        raise UserError(f"the run holds {held:g} GPUs at once ({parts}: Serve keeps its replicas while training "
-                        f"runs), but {target.where} has at most {have:g}; lower train.scaling.num_workers or the "
-                        f"replicas (serve.num_replicas, serve.autoscaling_config.min_replicas)")
+    held = [bundle["GPU"] * n for _, bundle, n in demands] or [0.0]
+    released = serve_released_for_training(cfg)  # Serve's GPUs go to the trainer while it trains
+    if gpu_keys and (max(held) if released else sum(held)) > have:
+        parts = (" or " if released else " + ").join(f"{n} x {bundle['GPU']:g} for {key.split(' ')[0]}"
+                                                     for key, bundle, n in demands if bundle["GPU"] > 0)
+        trains = "train" in cfg
+        why = ("the larger of Serve and training" if released else
+               "Serve keeps its replicas while training runs" if trains else "every replica at once")
+        raise UserError(f"the run holds {max(held) if released else sum(held):g} GPUs at once ({parts}: {why}), but "
+                        f"{target.where} has at most {have:g}; lower {'train.scaling.num_workers or ' if trains else ''}"
+                        f"the replicas (serve.num_replicas, serve.autoscaling_config.min_replicas)"
+                        f"{', or let the trainer take them: serve.release_for_training=always' if trains and not released else ''}")
 
 
 def cluster_resources() -> Resources:

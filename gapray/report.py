@@ -1,7 +1,7 @@
 """Pictures for people: image grids with the verdicts drawn on them.
 
 Frame and caption colour: the model's own verdict (green accepted, red rejected, grey unparsed). Where an
-external judge exists (the shapes oracle), its verdict is in the caption and the corner square."""
+external judge gave a verdict (the shapes oracle, or a VLM judge), it is in the caption and the corner square."""
 
 from __future__ import annotations
 
@@ -56,10 +56,11 @@ def write_verdict_grids(decode, rows: list[dict], out_dir: Path, prompts_per_tas
         shown = [r for group in prompts.values() for r in group]
         images = decode(torch.tensor([r["image_tokens"] for r in shown]))
         labels = [f"self {'?' if r['verdict'] is None else r['verdict']} p={r['p_aligned']:.2f}" for r in shown]
-        # with an external judge (the shapes oracle): its verdict in the caption and as a corner mark
+        # with an external judge (the oracle, a VLM): its verdict in the caption and as a corner mark
         judged = any(r.get("oracle_verdict") is not None for r in shown)
         if judged:
-            labels = [f"{lab} | oracle {'-' if r.get('oracle_verdict') is None else r['oracle_verdict']}"
+            labels = [f"{lab} | {'oracle' if r.get('judge_model') in (None, 'oracle') else 'judge'} "
+                      f"{'-' if r.get('oracle_verdict') is None else r['oracle_verdict']}"
                       for lab, r in zip(labels, shown)]
         ncol = max(len(g) for g in prompts.values())
         title = f"{task}: " + " | ".join(g[0]["prompt"] for g in prompts.values())
@@ -83,15 +84,22 @@ def _pick(block: dict | None, task: str) -> dict | None:
 
 
 def results_rows(base: dict, final: dict) -> list[dict]:
-    """Per task and overall: Gen. (oracle generation accuracy), Non. (non-unification), before and after, and
-    the final model's understanding win rate over the base model (with its count)."""
+    """Per task and overall: Gen. (the external judge's generation accuracy), Non. (non-unification), before and
+    after, and
+    the final model's understanding win rate over the base model (with its count), and the weak-generation and
+    false-acceptance rates (the judge rejects what the model rejected / accepted), before and after."""
     out = []
     for t in sorted(base["per_task"]) + ["overall"]:
-        gen = [(_pick(s.get("oracle"), t) or {}).get("generation_accuracy") for s in (base, final)]
+        judged = [_pick(s.get("oracle"), t) or {} for s in (base, final)]
         win = _pick(final.get("win_rate"), t)
-        out.append({"task": t, "gen_base": _value(gen[0]), "gen_final": _value(gen[1]),
+        out.append({"task": t, "gen_base": _value(judged[0].get("generation_accuracy")),
+                    "gen_final": _value(judged[1].get("generation_accuracy")),
                     "non_base": _pick(base, t)["value"], "non_final": _pick(final, t)["value"],
-                    "win_rate": _value(win), "win_n": None if win is None else win["n"]})
+                    "win_rate": _value(win), "win_n": None if win is None else win["n"],
+                    "weak_base": _value(judged[0].get("weak_generation_rate")),
+                    "weak_final": _value(judged[1].get("weak_generation_rate")),
+                    "false_accept_base": _value(judged[0].get("false_acceptance_rate")),
+                    "false_accept_final": _value(judged[1].get("false_acceptance_rate"))})
     return out
 
 
@@ -99,13 +107,21 @@ def results_table(rows: list[dict]) -> str:
     """The base-vs-improved table as Markdown (also what the job prints)."""
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
-    lines = ["| task | Gen. base | Gen. final | Und. win rate (n) | Non. base | Non. final |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| task | Gen. base | Gen. final | Und. win rate (n) | Non. base | Non. final | Weak gen. base | "
+             "Weak gen. final | False acc. base | False acc. final |", "|---|" + "---:|" * 9]
     for r in rows:
         win = "-" if r["win_n"] is None else f"{pct(r['win_rate'])} ({r['win_n']})"
         lines.append(f"| {r['task']} | {pct(r['gen_base'])} | {pct(r['gen_final'])} | {win} | "
-                     f"{pct(r['non_base'])} | {pct(r['non_final'])} |")
+                     f"{pct(r['non_base'])} | {pct(r['non_final'])} | {pct(r.get('weak_base'))} | "
+                     f"{pct(r.get('weak_final'))} | {pct(r.get('false_accept_base'))} | "
+                     f"{pct(r.get('false_accept_final'))} |")
     return "\n".join(lines)
+
+
+def judge_label(evals: dict) -> str:
+    """The external judge the measures' figures come from: "shapes oracle", a VLM's id, or "none"."""
+    names = sorted({s["judge_model"] for s in evals.values() if s.get("judge_model")})
+    return ", ".join("shapes oracle" if n == "oracle" else n for n in names) or "none"
 
 
 def plot_history(evals: dict, train_logs: dict[str, list[dict]], out_dir: Path) -> list[Path]:
@@ -120,7 +136,7 @@ def plot_history(evals: dict, train_logs: dict[str, list[dict]], out_dir: Path) 
     ax.plot(xs, [100 * evals[str(i)]["non_unification"] for i in xs], "o-", label="Non. (self-rejected %)")
     gen = [_value(evals[str(i)].get("oracle", {}).get("overall", {}).get("generation_accuracy")) for i in xs]
     if all(g is not None for g in gen):
-        ax.plot(xs, [100 * g for g in gen], "s-", label="Gen. (oracle-accepted %)")
+        ax.plot(xs, [100 * g for g in gen], "s-", label=f"Gen. ({judge_label(evals)}-accepted %)"[:60])
     ax.set_xlabel("measure (0 = base, i = after round i)")
     ax.set_xticks(xs)
     ax.set_ylabel("%")
@@ -161,13 +177,16 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     """summary.json, report.md, plots/*.png and grids/{base,final}_<task>.png of a finished run."""
     import json
 
+    from gapray.config import judge_kind
     from gapray.train.loop import read_metrics
 
     first, last = "0", str(cfg.rounds)
+    kind = judge_kind(cfg)
     base, final = state.evals[first], state.evals[last]
     rows = results_rows(base, final)
     summary = {"mode": cfg.mode, "rounds": cfg.rounds, "model": cfg.model.path, "seed": cfg.seed,
                "prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "table": rows, "base": base, "final": final,
+               "judge": {"kind": kind, "model": cfg.judge.model if kind == "vlm" else kind},
                "evals": state.evals, "rounds_data": state.rounds, "policy_version": state.policy_version,
                "seconds": state.seconds}
     train_logs = {}
@@ -185,9 +204,11 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
              f"{cfg.images_per_prompt} candidates per training prompt ({cfg.prompts}), "
              f"{cfg.eval_images_per_prompt} images per held-out prompt ({cfg.eval_prompts}).", "",
              "## Base vs improved (held-out prompts, %)", "", results_table(rows), "",
-             "Gen.: share of generations the external judge (shapes oracle) accepts. Non.: share the model itself "
-             "rejects. Und. win rate: on the base model's images, where base and final verdicts differ, the share "
-             "where the final verdict agrees with the judge (n = images that differ).", "",
+             f"Gen.: share of generations the external judge ({judge_label(state.evals)}) accepts. Non.: share the "
+             "model itself rejects. Und. win rate: on the base model's images, where base and final verdicts differ, the share "
+             "where the final verdict agrees with the judge (n = images that differ). Weak gen.: share of the "
+             "images the model rejects that the judge rejects too. False acc.: share of the images the model accepts "
+             "that the judge rejects.", "",
              *composition_lines(base, final),
              "## Rounds", "", "| round | SFT rows | DPO pairs | discarded | gate precision | replay admitted |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -200,7 +221,7 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
         lines.append(f"| {r} | {info['sample']['sft']} | {info['sample']['dpo']} | {info['sample']['discard']} | "
                      f"{prec} | {admitted} |")
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    lines += ["", "## Image grids (frame: own verdict; corner: oracle)", ""] + [f"![{p.stem}](grids/{p.name})" for p in grids]
+    lines += ["", f"## Image grids (frame: own verdict; corner: the external judge, {judge_label(state.evals)})", ""] + [f"![{p.stem}](grids/{p.name})" for p in grids]
     lines += ["", "## Time per phase (s)", "", ", ".join(f"{k} {v}" for k, v in state.seconds.items()), ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -32,6 +32,7 @@ from gapray.errors import UserError  # noqa: E402
 
 
 def dev_measure(base, model, prompts, k: int) -> dict:
+    from gapray.judges.oracle import OracleJudge
     from gapray.selfjudge import sample_and_score, summarize
     from gapray.models import SamplingParams
     from omegaconf import OmegaConf
@@ -40,7 +41,7 @@ def dev_measure(base, model, prompts, k: int) -> dict:
     rows = []
     for i in range(0, len(prompts), base.batch_prompts):
         rows += sample_and_score(model, prompts[i:i + base.batch_prompts], k, sampling, base.seed + 1000,
-                                 base.scoring.mode, base.scoring.threshold)
+                                 base.scoring.mode, base.scoring.threshold, judge=OracleJudge())
     s = summarize(rows)
     o = s["oracle"]["overall"]
     return {"gen": o["generation_accuracy"]["value"], "geneval": s["oracle"]["geneval_score"]["value"],
@@ -54,6 +55,7 @@ def sft_rows(model, prompts, base, variants, renders_per_prompt: int) -> dict[st
     import numpy as np
     import torch
 
+    from gapray.judges.oracle import OracleJudge
     from gapray.selfjudge import sample_and_score
     from gapray.models import SamplingParams
     from gapray.world.pretrain import render_batch
@@ -65,7 +67,7 @@ def sft_rows(model, prompts, base, variants, renders_per_prompt: int) -> dict[st
     if {"oracle", "self"} & set(variants):
         for i in range(0, len(prompts), base.batch_prompts):
             cands += sample_and_score(model, prompts[i:i + base.batch_prompts], base.images_per_prompt, sampling,
-                                      base.seed, base.scoring.mode, base.scoring.threshold)
+                                      base.seed, base.scoring.mode, base.scoring.threshold, judge=OracleJudge())
     for variant, key in (("oracle", "oracle_verdict"), ("self", "verdict")):
         if variant in variants:
             kept = [r for r in cands if r[key] == 1]

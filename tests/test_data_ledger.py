@@ -24,7 +24,8 @@ def row(round, pid, idx, p, prompt=None, verdict="auto"):
     return {"round": round, "prompt_id": pid, "task": "colors", "prompt": prompt or f"a photo of {pid}",
             "sample_idx": idx, "seed": 1000 * idx + len(pid), "image_tokens": image_tokens(pid, idx),
             "logprob": -1.5, "p_aligned": p, "verdict": to_verdict(p, 0.5) if verdict == "auto" else verdict,
-            "answer": None, "oracle_verdict": None, "policy_version": 3}
+            "answer": None, "oracle_verdict": None, "judge_model": None, "judge_p": None,
+            "policy_version": 3}
 
 
 # p_aligned per prompt; threshold 0.5

@@ -41,7 +41,9 @@ def local(tiny, prompts):
     the middle half, far from any value, so that float noise between backends cannot flip a verdict and
     the round has accepted and rejected images, prompts with pairs and prompts in the discard pool.
     """
-    rows = sample_and_score(tiny, prompts, K, SamplingParams(), SEED)
+    from gapray.judges.oracle import OracleJudge  # the external judge the Ray path builds from config (judge.kind)
+
+    rows = sample_and_score(tiny, prompts, K, SamplingParams(), SEED, judge=OracleJudge())
     ps = sorted(r["p_aligned"] for r in rows)
     mid = range(len(ps) // 4, 3 * len(ps) // 4)
     i = max(mid, key=lambda i: ps[i + 1] - ps[i])
@@ -189,3 +191,27 @@ def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny, tiny_dir, l
     ours = write_verdict_grids(tiny.decode, pq.read_table(tmp_path / "verdicts.parquet").to_pylist(),
                                tmp_path / "local_grids", MeasureConfig.grid_prompts)
     assert ours and [p.read_bytes() for p in ours] == [(tmp_path / "grids" / p.name).read_bytes() for p in ours]
+
+
+def test_measure_backend_ray_with_a_vlm_judge_equals_backend_local(ray_cluster, tiny_dir, tmp_path):
+    """judge.kind=vlm on the Ray path: the pipeline's score actors hold the judge (loaded by path) and judge the
+    pixels the replicas send back; the rows' judge columns are the local backend's."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_vlm_judge import make_judge
+
+    judge = make_judge("idefics3", seed=0)
+    judge.model.save_pretrained(tmp_path / "judge")
+    judge.processor.save_pretrained(tmp_path / "judge")
+    args = [f"model={tiny_dir}", f"prompts={SAMPLE}", "max_prompts=3", "images_per_prompt=2", f"seed={SEED}",
+            "batch_prompts=3", f"judge.model={tmp_path / 'judge'}", "judge.dtype=float32", "judge.device=cpu"]
+    assert main(["measure", *args, f"run_dir={tmp_path / 'local'}"]) == 0
+    assert main(["measure", *args, f"run_dir={tmp_path / 'ray'}", "backend=ray", "serve.max_batch_size=8",
+                 f"serve.http_port={free_port()}", "data.concurrency=1"]) == 0
+    want, got = (sorted(pq.read_table(tmp_path / d / "verdicts.parquet").to_pylist(), key=key) for d in ("local", "ray"))
+    assert len(got) == 6 and [r["image_tokens"] for r in got] == [r["image_tokens"] for r in want]
+    assert {r["judge_model"] for r in got} == {str(tmp_path / "judge")}
+    np.testing.assert_allclose([r["judge_p"] for r in got], [r["judge_p"] for r in want], atol=1e-5)
+    assert [r["oracle_verdict"] for r in got] == [r["oracle_verdict"] for r in want]
+    assert json.loads((tmp_path / "ray" / "summary.json").read_text())["judge_model"] == str(tmp_path / "judge")

@@ -76,13 +76,30 @@ def test_a_cluster_is_judged_by_its_nodes_and_its_autoscalers_node_types():
     assert "no node" in refused(preflight.check_resources, big, CPU_ONLY, Resources("c", [head, {"CPU": 8, "GPU": 8}]))
 
 
-def test_replicas_and_train_workers_hold_their_gpus_at_once():
-    c = cfg("experiment=janus-pro-1b")  # min_replicas 1 x 1 GPU + 4 workers x 1 GPU
-    msg = refused(preflight.check_resources, c, CPU_ONLY, machine(4))
-    assert "holds 5 GPUs at once" in msg and "has at most 4" in msg and "train.scaling.num_workers" in msg
-    preflight.check_resources(c, CPU_ONLY, machine(5))
-    preflight.check_resources(cfg("experiment=janus-pro-1b", "serve.autoscaling_config.min_replicas=0"),
+def test_replicas_and_train_workers_hold_their_gpus_at_once_unless_serve_is_released():
+    kept = cfg("experiment=janus-pro-1b", "serve.release_for_training=never")  # 1 replica x 1 GPU + 4 workers x 1
+    msg = refused(preflight.check_resources, kept, CPU_ONLY, machine(4))
+    assert "holds 5 GPUs at once" in msg and "has at most 4" in msg and "serve.release_for_training=always" in msg
+    preflight.check_resources(kept, CPU_ONLY, machine(5))
+    preflight.check_resources(cfg("experiment=janus-pro-1b", "serve.release_for_training=never",
+                                  "serve.autoscaling_config.min_replicas=0"),
                               CPU_ONLY, machine(4))  # replicas may scale to zero while training runs
+    # the default (auto): the driver deletes the GPU replicas before training, so the larger side must fit
+    released = cfg("experiment=janus-pro-1b")
+    preflight.check_resources(released, CPU_ONLY, machine(4))
+    msg = refused(preflight.check_resources, released, CPU_ONLY, machine(3))
+    assert "holds 4 GPUs at once" in msg and "the larger of Serve and training" in msg
+
+
+def test_a_measure_on_gpu_replicas_has_no_trainer_to_release_serve_for():
+    from gapray.config import MeasureConfig
+
+    def measure(*overrides):
+        return load_config(MeasureConfig, CONF_DIR / "measure.yaml", ["model=tiny", "backend=ray", *overrides])
+
+    preflight.check_resources(measure("serve.num_gpus=1"), CPU_ONLY, machine(1))
+    msg = refused(preflight.check_resources, measure("serve.num_gpus=1", "serve.num_replicas=2"), CPU_ONLY, machine(1))
+    assert "holds 2 GPUs at once" in msg and "has at most 1" in msg
 
 
 def test_a_hand_started_cluster_is_told_from_an_autoscaling_one():

@@ -102,7 +102,11 @@ def test_diagnostic_agrees_with_the_measures(out):
         # the last epoch is the trained model judging the base images: the win-rate rescore's verdicts
         run = out / f"seed={s}" / "sft"
         rescored = VerdictLedger(run / "eval" / "rescore").read(1).to_pylist()
-        assert diag[-1]["und_acc"] == pytest.approx(np.mean([r["verdict"] == r["oracle_verdict"] for r in rescored]))
+        # the external verdicts of those images are the base measure's (a rescore asks only the policy)
+        judged = {(r["prompt_id"], r["sample_idx"]): r["oracle_verdict"]
+                  for r in VerdictLedger(run / "eval" / "ledger").read(0).to_pylist()}
+        assert diag[-1]["und_acc"] == pytest.approx(
+            np.mean([r["verdict"] == judged[(r["prompt_id"], r["sample_idx"])] for r in rescored]))
         for d in diag:
             for kind in ("prompt", "verdict"):
                 assert np.isfinite(d[kind]["inner"]) and -1 <= d[kind]["cosine"] <= 1

@@ -272,3 +272,45 @@ def test_sft_cfg_dropout_trains_the_unconditional_row(tiny, tiny_dir, tmp_path):
         nll_uncond = -image_token_logprobs(tiny.model, uncond(enc["input_ids"]), enc["attention_mask"], tokens).mean()
     assert abs(first[0.0] - nll_cond.item()) < 2e-5 and abs(first[0.999999] - nll_uncond.item()) < 2e-5
     assert abs(nll_cond.item() - nll_uncond.item()) > 2e-4  # (a fresh tiny model barely reads its prompt)
+
+
+def test_a_metrics_log_cut_short_by_a_kill_is_read_and_resumed(tmp_path):
+    """A worker killed while appending leaves half a line: it is dropped (its step runs again), not a crash."""
+    from gapray.train.loop import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    whole = '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "loss": 0.8}\n'
+    path.write_text(whole + '{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+    MetricsLog(str(tmp_path), enabled=True, resume_step=2)  # resumed from the step-2 checkpoint
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tiny_dir, pref_dir, tmp_path):
+    """train.gradient_checkpointing recomputes the language model's activations in backward: the same losses and
+    trained weights as without it (1e-6), and the layers really run again (a forward-call count)."""
+    from safetensors.torch import load_file
+
+    from gapray.train import loop
+
+    calls, w, rows = {}, {}, {}
+    prepare = loop.prepare_model
+
+    def counting(cfg, reference):
+        jm, policy, params, ref = prepare(cfg, reference)
+        layer = jm.model.model.language_model.layers[0].self_attn  # inside the checkpointed layer.forward
+        layer.register_forward_hook(lambda *a: calls.__setitem__(cfg.run_dir, calls.get(cfg.run_dir, 0) + 1))
+        return jm, policy, params, ref
+
+    loop.prepare_model = counting
+    try:
+        for on in (False, True):
+            cfg = train_cfg(f"data={pref_dir}", f"model={tiny_dir}", f"run_dir={tmp_path / str(on)}", *LOCAL,
+                            f"gradient_checkpointing={str(on).lower()}")
+            w[on] = load_file(str(Path(run_training(cfg).model_dir) / "model.safetensors"))
+            rows[on] = [r["loss"] for r in read_metrics(cfg.run_dir)]
+    finally:
+        loop.prepare_model = prepare
+    assert len(rows[True]) == 4 and max(abs(a - b) for a, b in zip(rows[True], rows[False])) < 1e-6
+    assert max((w[True][k] - w[False][k]).abs().max().item() for k in w[True]) < 1e-6
+    assert calls[str(tmp_path / "True")] > calls[str(tmp_path / "False")]  # recomputed in backward

@@ -137,25 +137,58 @@ def test_prebuilt_ops_accelerator_contract():
 
 def test_worker_failure_resumes_to_the_same_weights(ray_cluster, zero_runs, tiny_dir, pref_dir, extensions_dir,
                                                     tmp_path):
-    """Rank 1 dies (os._exit) once, at step 7 of 8; the last checkpoint is step 6, mid-epoch, so the data
-    position matters (the restarted workers skip the epoch's first 2 global micro-batches). Ray's
-    FailureConfig restarts the worker group from that checkpoint, and the run ends with the same weights as
-    the uninterrupted stage-2 run: bit-identical, tolerance 0 (same data order, same fp32 reductions, Adam
-    state and schedule restored); the logged loss of every step is identical too."""
-    marker = tmp_path / "failed_once"
+    """Rank 1 dies (os._exit) once, at step 7 of 8, a moment after the step-6 checkpoint was written (mid-epoch,
+    so the data position matters: the restarted workers skip the epoch's first 2 global micro-batches), before
+    Ray Train's controller polls (every 2 s) and registers it. The restarted workers resume from that newest
+    complete checkpoint on disk, so only step 7 runs again (Ray's registered one, the epoch end at step 4,
+    made it 3 steps), and the run ends with the same weights as the uninterrupted stage-2 run: bit-identical,
+    tolerance 0 (same data order, same fp32 reductions, Adam state and schedule restored); the logged loss of
+    every step is identical too. No checkpoint is left beyond num_to_keep=1."""
+    from gapray.train.checkpoint import EXPERIMENT
+
+    marker, ran = tmp_path / "failed_once", tmp_path / "steps_run"
 
     def fail_once(state, rank):
+        if rank == 0:
+            with open(ran, "a") as f:
+                f.write(f"{state.step}\n")
         if state.step == 7 and rank == 1 and not marker.exists():
             marker.touch()
             os._exit(1)
 
-    cfg = cfg_for(pref_dir, tiny_dir, tmp_path / "run", "deepspeed.zero_stage=2", "max_failures=1")
+    cfg = cfg_for(pref_dir, tiny_dir, tmp_path / "run", "deepspeed.zero_stage=2", "max_failures=1",
+                  "checkpoint.num_to_keep=1")
     result = run_training(cfg, after_step=fail_once, worker_env={"TORCH_EXTENSIONS_DIR": str(extensions_dir)})
     assert marker.exists() and result.steps == STEPS
+    # resumed from step 6, so step 7 alone ran twice (before: from the registered epoch-end checkpoint, step 4,
+    # so steps 5-7 again, measured on the code before this test: [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8])
+    assert [int(x) for x in ran.read_text().split()] == [1, 2, 3, 4, 5, 6, 7, 7, 8]
     rows, ref_rows = read_metrics(cfg.run_dir), zero_runs[2][2]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # step 7 ran twice, logged once
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
     assert max_diff(weights(result.model_dir), weights(zero_runs[2][1].model_dir)) == 0.0
+    left = sorted(d.name for d in (Path(cfg.run_dir) / EXPERIMENT).glob("checkpoint_*") if d.is_dir())
+    assert left == [Path(result.checkpoint).name] == ["checkpoint_step00000008"], left
+
+
+def test_a_checkpoint_is_complete_only_when_sealed_and_whole(zero_runs, tmp_path):
+    """What the restart trusts: a checkpoint directory counts only with its seal (complete.json, written last
+    by rank 0), every file there at its recorded size, and the world size that wrote it."""
+    import shutil
+
+    from gapray.train.checkpoint import is_complete, newest_complete
+
+    run_dir = Path(zero_runs[2][0].run_dir)
+    step, newest = newest_complete(run_dir, world_size=2)
+    assert step == STEPS and newest.name == "checkpoint_step00000008"
+    d = shutil.copytree(newest, tmp_path / "checkpoints" / "checkpoint_step00000009")
+    assert is_complete(d, 2) == STEPS and is_complete(d, 3) is None  # another world size cannot load it
+    shard = next(f for f in sorted(d.rglob("*optim_states.pt")))
+    shard.write_bytes(shard.read_bytes()[:-10])  # a partial write of one rank's optimizer partition
+    assert is_complete(d, 2) is None
+    shutil.copytree(newest, d, dirs_exist_ok=True)
+    (d / "complete.json").unlink()  # killed before the seal
+    assert is_complete(d, 2) is None and newest_complete(tmp_path, 2) is None
 
 
 def test_consolidated_model_loads_in_measure_and_serve(zero_runs, tiny_dir, tmp_path):

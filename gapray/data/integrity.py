@@ -3,7 +3,8 @@
 Parquet. A file gets a manifest entry when it is written, `<dir>/_manifest/<name>.json` (rows, byte size,
 schema fingerprint), put in place just before the file itself (`publish`). The file is intact when its footer
 reads, its schema is the one its name says (a ledger part: LEDGER_SCHEMA; sft/dpo/discard.parquet;
-verdicts.parquet) and rows, bytes and schema are those of its entry. Only footers are read, never data. One
+verdicts.parquet), or an earlier version of it that older run directories hold (schemas.EARLIER_SCHEMAS: a
+ledger from before the judge_model/judge_p columns), and rows, bytes and schema are those of its entry. Only footers are read, never data. One
 entry per file rather than one manifest per directory: ledger parts are written by many processes at once, on
 shared storage where appends to one file are not atomic. The `_` prefix keeps pyarrow's and Ray Data's
 directory discovery away from the entries. Files written before manifests existed: footer and schema.
@@ -34,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from gapray.data.schemas import DISCARD_SCHEMA, DPO_SCHEMA, LEDGER_SCHEMA, SFT_SCHEMA, VERDICT_SCHEMA
+from gapray.data.schemas import DISCARD_SCHEMA, DPO_SCHEMA, EARLIER_SCHEMAS, LEDGER_SCHEMA, SFT_SCHEMA, VERDICT_SCHEMA
 from gapray.errors import UserError
 
 MANIFEST = "_manifest"
@@ -77,7 +78,7 @@ def parquet_problem(path: Path) -> str | None:
         return f"not a readable Parquet file ({_first_line(e)})"
     schema = meta.schema.to_arrow_schema().remove_metadata()
     want = expected_schema(path)
-    if want and not schema.equals(want[1]):
+    if want and not any(schema.equals(s) for s in [want[1], *EARLIER_SCHEMAS.get(want[0], [])]):
         return f"holds another schema than {want[0]} ({_schema_diff(schema, want[1])}): a foreign file?"
     entry_path = manifest_entry(path)
     if not entry_path.is_file():

@@ -25,6 +25,7 @@ ModelServer app (gapray.serve.server.deploy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -54,7 +55,6 @@ from gapray.selfjudge import image_seed, verdict_rows  # noqa: E402
 from gapray.models import SampleOutput, SamplingParams, ScoreOutput  # noqa: E402
 from gapray.prompts import Prompt  # noqa: E402
 from gapray.serve.server import DEPLOYMENT, deploy, split_seeds  # noqa: E402
-from gapray.world import in_world  # noqa: E402
 
 log = logging.getLogger(__name__)
 # A request lost with its replica is safe to send again: images depend on their seeds only.
@@ -123,11 +123,16 @@ class SampleStage:
 
 
 class ScoreStage:
-    """SAMPLED rows -> verdict rows (LEDGER_SCHEMA), judged by the ModelServer replicas."""
+    """SAMPLED rows -> verdict rows (LEDGER_SCHEMA), judged by the ModelServer replicas, and by the external judge
+    (`judge`: a judge section with its kind, gapray.judges.build_judge) here, on the pixels the replicas send back
+    for the prompts it covers."""
 
     def __init__(self, app_name: str, mode: str, threshold: float, round: int, max_rows: int, retries: int,
-                 ledger_root: str | None = None):
+                 ledger_root: str | None = None, judge: dict | None = None):
+        from gapray.judges import build_judge
+
         self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
+        self.judge = build_judge(OmegaConf.create({"judge": judge})) if judge else None
         self.mode, self.threshold, self.round = mode, threshold, round
         self.max_rows, self.retries = max_rows, retries
         # With a ledger, the actor stores each batch itself (no extra stage, no extra worker processes)
@@ -141,8 +146,8 @@ class ScoreStage:
         groups = [rows[i:i + self.max_rows] for rows in by_prompt.values() for i in range(0, len(rows), self.max_rows)]
         prompts = [Prompt(g[0]["prompt_id"], g[0]["task"], g[0]["prompt"],
                           json.loads(g[0]["meta"]) if g[0]["meta"] else None) for g in groups]
-        calls = [(p.prompt, np.array([r["image_tokens"] for r in g], dtype=np.int64), self.mode, in_world(p.meta))
-                 for p, g in zip(prompts, groups)]
+        calls = [(p.prompt, np.array([r["image_tokens"] for r in g], dtype=np.int64), self.mode,
+                  self.judge is not None and self.judge.covers(p)) for p, g in zip(prompts, groups)]
         out = []
         for p, g, answer in zip(prompts, groups, call_all(self.handle.score, calls, self.retries)):
             drawn_by = {r["policy_version"] for r in g}
@@ -154,7 +159,8 @@ class ScoreStage:
                                    seeds=[r["seed"] for r in g])
             judged = ScoreOutput(np.asarray(answer["p_aligned"], dtype=np.float64), answer["answers"])
             images = answer["images"] if answer["images"] is not None else [None] * len(g)
-            rows = verdict_rows([p] * len(g), [r["sample_idx"] for r in g], sampled, images, judged, self.threshold)
+            rows = verdict_rows([p] * len(g), [r["sample_idx"] for r in g], sampled, images, judged, self.threshold,
+                                self.judge)
             out += [{"round": self.round, **r, "policy_version": answer["policy_version"]} for r in rows]
         table = pa.Table.from_pylist(out, schema=LEDGER_SCHEMA)
         if self.ledger is None:
@@ -184,11 +190,30 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
 
 
 def score_stage(ds: ray.data.Dataset, cfg, app_name: str, round: int, ledger_root: str | None) -> ray.data.Dataset:
-    """SAMPLED rows -> verdict rows, judged by the Serve app (an actor pool of ScoreStage)."""
-    return ds.map_batches(ScoreStage, batch_size=None, **_actor_pool(cfg),
+    """SAMPLED rows -> verdict rows, judged by the Serve app (an actor pool of ScoreStage) and the external judge,
+    which each actor holds: a VLM judge's copy gets judge.num_gpus per actor."""
+    judge = judge_spec(cfg)
+    pool = _actor_pool(cfg)
+    if judge and judge["kind"] == "vlm":
+        gpus = cfg.serve.num_gpus if judge["num_gpus"] is None else judge["num_gpus"]
+        if gpus > 0:
+            pool["num_gpus"] = gpus
+    return ds.map_batches(ScoreStage, batch_size=None, **pool,
                           fn_constructor_kwargs=dict(app_name=app_name, mode=cfg.scoring.mode,
                                                      threshold=cfg.scoring.threshold, round=round,
-                                                     ledger_root=ledger_root, **_requests(cfg)))
+                                                     ledger_root=ledger_root, judge=judge, **_requests(cfg)))
+
+
+def judge_spec(cfg) -> dict | None:
+    """The run's judge section with its kind resolved (gapray.config.judge_kind), for the score actors to build;
+    a config without a judge section: the shapes oracle, as before the section existed. None: no judge."""
+    from gapray.config import JudgeConfig, judge_kind
+
+    if "judge" not in cfg:
+        return {**dataclasses.asdict(JudgeConfig()), "kind": "oracle"}
+    kind = judge_kind(cfg)
+    section = OmegaConf.to_container(cfg.judge) if OmegaConf.is_config(cfg.judge) else dict(cfg.judge)
+    return None if kind == "none" else {**section, "kind": kind}
 
 
 def _actor_pool(cfg) -> dict:

@@ -14,8 +14,14 @@ VERDICT_SCHEMA = pa.schema([
     pa.field("p_aligned", pa.float64()),  # NaN when a generate-mode answer did not parse
     pa.field("verdict", pa.int8()),  # 1 aligned, 0 misaligned, null unparsed
     pa.field("answer", pa.string()),  # free-text answer (generate mode only)
-    pa.field("oracle_verdict", pa.int8()),  # the external judge (shapes-world oracle); null where none applies
+    # The external judge's verdict (gapray/judges/: the shapes-world oracle or a VLM); null where none applies.
+    # The name is historical (the oracle was the only external judge): kept, so run directories written
+    # before the VLM judge stay readable; judge_model says which judge wrote it.
+    pa.field("oracle_verdict", pa.int8()),
+    pa.field("judge_model", pa.string()),  # "oracle" or the VLM's hub id / path; null: no external judge
+    pa.field("judge_p", pa.float64()),  # the VLM judge's P("1") (logits) or parsed answer; null: the oracle, unparsed
 ])
+JUDGE_COLUMNS = ("judge_model", "judge_p")  # added after oracle_verdict; files written before them lack both
 
 
 def to_table(rows: list[dict], schema: pa.Schema = VERDICT_SCHEMA) -> pa.Table:
@@ -80,6 +86,17 @@ LEDGER_SCHEMA = pa.schema([
     *VERDICT_SCHEMA,
     pa.field("policy_version", pa.int64(), nullable=False),
 ])
+
+
+
+def without_judge_columns(schema: pa.Schema) -> pa.Schema:
+    """A schema as gapray wrote it before judge_model/judge_p existed (integrity checks accept both)."""
+    return pa.schema([f for f in schema if f.name not in JUDGE_COLUMNS])
+
+
+# Earlier versions of a schema that files in existing run directories may hold: readable, never written.
+EARLIER_SCHEMAS = {"VERDICT_SCHEMA": [without_judge_columns(VERDICT_SCHEMA)],
+                   "LEDGER_SCHEMA": [without_judge_columns(LEDGER_SCHEMA)]}
 
 # The discard pool (data/round=R/discard.parquet): prompts none of whose images the model accepted
 # (PAPER.md, Algorithm 1, B), kept for curriculum replay.

@@ -76,8 +76,9 @@ def append_tokens(enc: dict, ids: tuple[int, ...]) -> dict:
 
 
 class JanusModel(UnifiedModel):
-    def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor):
+    def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor, compile: bool = False):
         self.model = model.eval()
+        self.compile = compile  # sample() runs its decode step through torch.compile (config: model.compile)
         self.processor = processor
         # The verdict question carries Janus' system text verbatim; the processor must not add it again.
         processor.use_default_system_prompt = False
@@ -93,11 +94,11 @@ class JanusModel(UnifiedModel):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
-                        local_files_only: bool = False) -> "JanusModel":
+                        local_files_only: bool = False, compile: bool = False) -> "JanusModel":
         model = JanusForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
                                                               local_files_only=local_files_only)
         processor = JanusProcessor.from_pretrained(path, local_files_only=local_files_only)
-        return cls(model.to(resolve_device(device)), processor)
+        return cls(model.to(resolve_device(device)), processor, compile=compile)
 
     def save_pretrained(self, path: str) -> None:
         self.model.save_pretrained(path)
@@ -127,7 +128,8 @@ class JanusModel(UnifiedModel):
         mask = enc["attention_mask"].repeat_interleave(n_per_prompt, 0)
         uniforms = row_uniforms(seeds, self.n_image_tokens).to(self.device)
         tokens, logps = cfg_decode(self.model, ids, mask, self.n_image_tokens, sampling,
-                                   keep_ids=[self.bos_id, self.boi_id], pad_id=self.pad_id, uniforms=uniforms)
+                                   keep_ids=[self.bos_id, self.boi_id], pad_id=self.pad_id, uniforms=uniforms,
+                                   compile=self.compile)
         return SampleOutput(tokens=tokens.cpu(), logprobs=logps.cpu(), seeds=list(seeds))
 
     def image_logprobs(self, prompts: list[str], tokens: torch.Tensor,

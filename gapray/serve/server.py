@@ -74,7 +74,7 @@ class ScoreRequest:
     prompt: str
     tokens: np.ndarray  # (n, T) image token ids, all judged against `prompt`
     mode: str = "logits"
-    return_images: bool = False  # send the decoded pixels back (the shapes-world oracle reads them)
+    return_images: bool = False  # send the decoded pixels back (for the external judge, gapray/judges/)
 
     @property
     def rows(self) -> int:

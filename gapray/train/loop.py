@@ -5,9 +5,10 @@ What it supports
   - trainable groups from conf (default the language model only, the paper's best), the rest frozen;
   - DPO reference log-probs from the data (precomputed) or from a frozen copy of the starting model;
   - backend=ray: a TorchTrainer; every worker wraps the model in a DeepSpeed ZeRO engine (stage 0-3),
-    streams the preference data from ray.train.get_dataset_shard, checkpoints through ray.train.report
-    (every rank), and resumes from the latest checkpoint: model, optimizer, LR schedule, data position
-    and RNG; FailureConfig restarts failed workers that way, and running the same run_dir again resumes;
+    streams the preference data from ray.train.get_dataset_shard, writes sealed checkpoints into the run
+    directory and reports them through ray.train.report (every rank), and resumes from the newest complete
+    one (registered by Ray or not, checkpoint.py): model, optimizer, LR schedule, data position and RNG;
+    FailureConfig restarts failed workers that way, and running the same run_dir again resumes;
   - backend=local: the same loop in one process on plain PyTorch, on model.device (no DeepSpeed, no
     mid-run checkpoints, no resume);
   - a consolidated save_pretrained directory at the end (run_dir/model) and after the epochs listed in
@@ -31,7 +32,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -40,12 +40,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gapray.config import load_model
+from gapray.config import load_model, worker_gpus
 from gapray.errors import UserError
 from gapray.models.janus import image_token_logprobs, resolve_device
 from gapray.models.sampler import uncond_input_ids
 from gapray.train import data as tdata
-from gapray.train.checkpoint import TrainState, export_pretrained, load_checkpoint, save_checkpoint
+from gapray.train.checkpoint import (EXPERIMENT, TrainState, checkpoint_dir, checkpoint_step, export_pretrained,
+                                     load_checkpoint, newest_complete, remove_unregistered, save_checkpoint)
 from gapray.train.losses import dpo_loss, sft_loss
 
 # The parameter groups `trainable` may name (PAPER.md: training the LLM alone worked best).
@@ -145,6 +146,10 @@ def prepare_model(cfg: DictConfig, reference: str):
             load_model(OmegaConf.merge(cfg.model, {"path": cfg.reference_model, "device": "cpu"})).model
         ref = ImageTokenLogprobs(frozen.requires_grad_(False).eval())
     params = freeze_for_training(jm.model, cfg.trainable)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: the frozen embeddings feed it inputs without grad, which the reentrant variant would
+        # not backpropagate through
+        jm.model.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
     jm.model.train()
     return jm, ImageTokenLogprobs(jm.model), params, ref
 
@@ -261,7 +266,7 @@ class MetricsLog:
     def __init__(self, run_dir: str, enabled: bool, resume_step: int):
         self.path, self.enabled = Path(run_dir) / "metrics.jsonl", enabled
         if enabled and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in _metric_lines(self.path) if json.loads(ln)["step"] <= resume_step]
             self.path.write_text("".join(f"{ln}\n" for ln in kept))
 
     def write(self, metrics: dict) -> None:
@@ -278,9 +283,21 @@ class MetricsLog:
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "perf/image_tokens_per_s")
 
 
+def _metric_lines(path: Path) -> list[str]:
+    """The whole lines of metrics.jsonl: a last line a killed worker cut short is dropped (its step runs again)."""
+    text = path.read_text()
+    lines = [ln for ln in text.splitlines() if ln]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return lines
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+    return [json.loads(ln) for ln in _metric_lines(path)] if path.exists() else []
 
 
 def step_metrics(state: TrainState, plan: Plan, metrics: dict, lr: float) -> dict:
@@ -391,7 +408,7 @@ def run_ray(cfg: DictConfig, plan: Plan, after_step, worker_env: dict[str, str])
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         # RAY_ADDRESS (set by `ray job submit`): join that cluster. Otherwise start a private local one, on
@@ -409,9 +426,12 @@ def run_ray(cfg: DictConfig, plan: Plan, after_step, worker_env: dict[str, str])
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "plan": dataclasses.asdict(plan),
                            "after_step": after_step, "worker_env": worker_env},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
-        run_config=RunConfig(name="checkpoints", storage_path=plan.run_dir,
+        # Ray wants use_gpu whenever a worker reserves GPUs, and then picks nccl: the process group follows
+        # scaling.use_gpu instead, so reserved logical GPUs (gpus_per_worker without use_gpu) train on gloo
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=worker_gpus(s) > 0,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, "GPU": worker_gpus(s)}),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        run_config=RunConfig(name=EXPERIMENT, storage_path=plan.run_dir,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
         datasets={"train": dataset},
@@ -419,8 +439,22 @@ def run_ray(cfg: DictConfig, plan: Plan, after_step, worker_env: dict[str, str])
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()  # result.metrics: those reported with the latest checkpoint (the last step's)
+    # checkpoints a killed worker wrote but Ray never registered would otherwise stay beyond num_to_keep
+    remove_unregistered(plan.run_dir, {Path(c.path).name for c, _ in result.best_checkpoints or []})
     return TrainResult(model_dir=plan.model_dir, steps=int(result.metrics.get("step", 0)), metrics=dict(result.metrics),
                        checkpoint=result.checkpoint.path if result.checkpoint else None)
+
+
+def resume_checkpoint(registered, run_dir: str, world_size: int) -> str | None:
+    """The newer of the checkpoint Ray Train registered and the newest complete one on disk (a worker killed
+    after sealing a checkpoint but before Ray's controller polled it leaves one Ray does not know)."""
+    candidates = []
+    if registered is not None:
+        candidates.append((checkpoint_step(registered.path), registered.path))
+    on_disk = newest_complete(run_dir, world_size)
+    if on_disk is not None:
+        candidates.append((on_disk[0], str(on_disk[1])))
+    return max(candidates)[1] if candidates else None
 
 
 def seed_everything(seed: int) -> None:
@@ -466,10 +500,9 @@ def train_loop_per_worker(config: dict) -> None:
             reference.to(torch.bfloat16)
 
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(engine, d, rank)
+    resume_from = resume_checkpoint(ray.train.get_checkpoint(), plan.run_dir, world)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, rank)
     else:
         seed_everything(cfg.seed + rank)
     log = MetricsLog(plan.run_dir, enabled=rank == 0, resume_step=state.step)
@@ -496,17 +529,18 @@ def train_loop_per_worker(config: dict) -> None:
         if not save:  # ray.train.report is a barrier across workers (~1 s here): checkpoints only
             return
         if state.micro_step == 0 and state.epoch in cfg.checkpoint.export_epochs:
-            export_pretrained(jm, export_dir(plan, state.epoch), zero_stage=stage, rank=rank)
+            export_pretrained(jm, export_dir(plan, state.epoch), zero_stage=stage, rank=rank, engine=engine)
         if state.step >= plan.total_steps:  # the end: export first, so the last checkpoint's metrics name it
-            export_pretrained(jm, plan.model_dir, zero_stage=stage, rank=rank)
+            export_pretrained(jm, plan.model_dir, zero_stage=stage, rank=rank, engine=engine)
             metrics.update(model_dir=plan.model_dir, **weight_spread(jm.model, stage))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(engine, state, tmp, rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        d = checkpoint_dir(plan.run_dir, state.step)  # on the run's storage, sealed before Ray hears of it
+        save_checkpoint(engine, state, d, rank, world)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)), checkpoint_dir_name=d.name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
     state = train_epochs(engine, jm, cfg, plan, state, epoch_batches, reference, on_step)
     if not Path(plan.model_dir, "config.json").exists():  # a resumed run whose last step was already done
-        export_pretrained(jm, plan.model_dir, zero_stage=stage, rank=rank)
+        export_pretrained(jm, plan.model_dir, zero_stage=stage, rank=rank, engine=engine)
 
 
 def weight_spread(model, zero_stage: int) -> dict[str, float]:

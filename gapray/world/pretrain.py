@@ -267,13 +267,14 @@ def generation_loss(model: JanusModel, rows: list[dict], rng: np.random.Generato
 
 def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -> dict:
     """Gen./Und./Non. on train-split prompts with `gapray measure`'s own sample-and-score (never eval)."""
+    from gapray.judges.oracle import OracleJudge
     from gapray.selfjudge import sample_and_score, summarize
     from gapray.prompts import Prompt
 
     prompts = [Prompt(r["prompt_id"], r["tag"], r["prompt"], r) for r in rows]
     out = []
     for i in range(0, len(prompts), 32):
-        out += sample_and_score(model, prompts[i:i + 32], k, SamplingParams(), seed)
+        out += sample_and_score(model, prompts[i:i + 32], k, SamplingParams(), seed, judge=OracleJudge())
     s = summarize(out)
     o = s["oracle"]["overall"]
     fa = o["false_acceptance_rate"]["value"]
