@@ -24,7 +24,8 @@ from gapray.data.ledger import VerdictLedger
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # 8 prompts x 4 images: up to 16 optimizer steps per epoch (2 workers x 1 row), a checkpoint every 4 steps, so
-# that training is still running when the chaos test kills a worker after the first one (each costs ~3 s here).
+# that training is still running when the chaos test kills a worker after the first one (fewer checkpoints: each
+# is a DeepSpeed save and a Ray Train report barrier).
 SETTING = ["model=tiny", "mode=c-sft", "max_prompts=8", "images_per_prompt=4", "max_eval_prompts=3",
            "eval_images_per_prompt=2", "train.epochs=2", "train.micro_batch_size=1", "train.checkpoint.every_n_steps=4",
            "train.checkpoint.num_to_keep=null", "gate.min_precision=0", "batch_prompts=4", "data.concurrency=1",
