@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-from gapray.models.janus import DTYPES, resolve_device
+from gapray.models.janus import DTYPES, append_tokens, resolve_device
 from gapray.verdict import ANSWER_PREFIX, AnswerTokens, answer_tokens, parse_answer, to_verdict, verdict_question
 
 JUDGE_MODES = ("logits", "generate")
@@ -54,20 +54,6 @@ def verdict_messages(prompt: str, answer_prefix: str | None = None) -> list[dict
 def to_pil(image) -> Image.Image:
     # HxWx3 uint8 arrays go through PIL so image processors never have to guess the channel axis.
     return image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
-
-
-def append_ids(enc: dict, ids: tuple[int, ...]) -> dict:
-    """The same attended tokens appended to every row of left-padded inputs (their ends line up), and the
-    per-token side tensors some processors return (Qwen2-VL's mm_token_type_ids) extended to match."""
-    if not ids:
-        return enc
-    n = len(enc["input_ids"])
-    tail = torch.tensor(ids, dtype=enc["input_ids"].dtype, device=enc["input_ids"].device).expand(n, -1)
-    enc["input_ids"] = torch.cat([enc["input_ids"], tail], 1)
-    for key, fill in (("attention_mask", 1), ("token_type_ids", 0), ("mm_token_type_ids", 0)):
-        if key in enc:
-            enc[key] = torch.cat([enc[key], torch.full_like(tail, fill, dtype=enc[key].dtype)], 1)
-    return enc
 
 
 class VLMJudge:
@@ -133,7 +119,7 @@ class VLMJudge:
     def logits_batch(self, prompts: list[str], images: list) -> list[float]:
         texts = [self.chat_text(p, "logits") for p in prompts]
         ans = self.answer_tokens(texts[0])
-        enc = append_ids(self.inputs(texts, images), ans.shared_suffix_ids)
+        enc = append_tokens(self.inputs(texts, images), ans.shared_suffix_ids)
         out = self.model.generate(**enc, generation_config=self.greedy(1, output_logits=True,
                                                                          return_dict_in_generate=True))
         two = out.logits[0].float()[:, [ans.one, ans.zero]].softmax(-1)  # raw logits of the first new token

@@ -65,13 +65,16 @@ def vq_nearest_codes(vq, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def append_tokens(enc: dict, ids: tuple[int, ...]) -> dict:
     """The same attended tokens appended to every row of left-padded inputs (whose ends line up): token ids,
-    not text, so they read exactly as the tokenizer writes them after the rows' last tokens."""
+    not text, so they read exactly as the tokenizer writes them after the rows' last tokens. Per-token side
+    tensors some processors return (token_type_ids, Qwen2-VL's mm_token_type_ids) are extended to match."""
     if not ids:
         return enc
-    input_ids, mask = enc["input_ids"], enc["attention_mask"]
+    input_ids = enc["input_ids"]
     tail = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device).expand(len(input_ids), -1)
     enc["input_ids"] = torch.cat([input_ids, tail], 1)
-    enc["attention_mask"] = torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], 1)
+    for key, fill in (("attention_mask", 1), ("token_type_ids", 0), ("mm_token_type_ids", 0)):
+        if key in enc:
+            enc[key] = torch.cat([enc[key], torch.full_like(tail, fill, dtype=enc[key].dtype)], 1)
     return enc
 
 

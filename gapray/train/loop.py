@@ -422,14 +422,15 @@ def run_ray(cfg: DictConfig, plan: Plan, after_step, worker_env: dict[str, str])
     dataset.context.enable_progress_bars = False  # bars from every worker each epoch drown the step log
     dataset = dataset.materialize()
     s = cfg.scaling
+    gpus = worker_gpus(s)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "plan": dataclasses.asdict(plan),
                            "after_step": after_step, "worker_env": worker_env},
         # Ray wants use_gpu whenever a worker reserves GPUs, and then picks nccl: the process group follows
         # scaling.use_gpu instead, so reserved logical GPUs (gpus_per_worker without use_gpu) train on gloo
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=worker_gpus(s) > 0,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, "GPU": worker_gpus(s)}),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, "GPU": gpus}),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=EXPERIMENT, storage_path=plan.run_dir,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
