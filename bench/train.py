@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback only (DESIGN.md)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
@@ -28,6 +27,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from gapray.backends.ray import init_ray  # noqa: E402
 from gapray.config import CONF_DIR, TrainConfig, load_config  # noqa: E402
 from gapray.data.schemas import DPO_SCHEMA, SFT_SCHEMA  # noqa: E402
 from gapray.train import read_metrics, run_training  # noqa: E402
@@ -79,11 +79,6 @@ def main():
     ap.add_argument("--offload-optimizer", action="store_true")
     args = ap.parse_args()
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, 2 * args.workers), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
     tmp = Path(tempfile.mkdtemp(prefix="gapray_bench_train_"))
     model, n_tokens, codebook = model_path(args.model, tmp)
     write_data(tmp / "data", args.steps * args.workers * args.micro_batch_size, n_tokens, codebook)
@@ -99,6 +94,7 @@ def main():
             f"loss.reference={args.reference}", f"deepspeed.zero_stage={stage}", f"scaling.num_workers={args.workers}",
             f"scaling.use_gpu={str(args.use_gpu).lower()}", f"micro_batch_size={args.micro_batch_size}",
             f"deepspeed.offload_optimizer={str(args.offload_optimizer and stage > 0).lower()}", "epochs=1"])
+        init_ray(cfg)  # the first stage starts it (a no-op afterwards)
         run_training(cfg)
         rows = read_metrics(str(run_dir))[1:]
         results[stage] = {k: statistics.median(r[k] for r in rows)

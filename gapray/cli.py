@@ -1,21 +1,40 @@
 """`gapray COMMAND [key=value ...]`: the command-line entry point.
 
+`gapray run | train | reproduce | pretrain-world [args]`: the recipes of jobs/ (jobs/self_improve.py, train.py,
+reproduce.py, pretrain_world.py), run by name as torchtune's `tune run` does; each job file stays what
+`ray job submit -- python jobs/<job>.py` runs, with the same arguments.
+
 `gapray verify RUN_DIR`: every Parquet file and checkpoint of a run directory checked (gapray.data.integrity).
+`gapray plan [--config FILE] [key=value ...]`: the per-GPU memory estimate of a self-improvement config (gapray.plan);
+exit code 2 when a role cannot fit its GPU (cluster.gpu_memory_gb, else this machine's).
 User errors (bad config, bad prompt file, missing model) print one line and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from pathlib import Path
 
 from gapray.errors import UserError
 
 COMMANDS = {"measure": "sample K images per prompt, self-score them, report the non-unification score"}
 VERIFY = "check every Parquet file and checkpoint of a run directory; one line per damaged file and its fix"
+PLAN = "per-GPU memory estimate of a self-improvement config (jobs/self_improve.py's keys); refuses one that cannot fit"
+JOBS = {  # command -> (jobs/<file>.py, what it does)
+    "run": ("self_improve", "a self-improvement run: sample, self-judge, gate, train, replay, measure (the main job)"),
+    "train": ("train", "SFT or DPO on a preference directory (Ray Train + DeepSpeed, or one process)"),
+    "reproduce": ("reproduce", "the paper's table and claims on the shapes world, over seeds"),
+    "pretrain-world": ("pretrain_world", "train the shapes-world Janus (VQ tokenizer, then the language model)"),
+}
+JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in JOBS:  # everything after the name is the job's own (its --help too)
+        return run_job(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="gapray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
@@ -24,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. images_per_prompt=8")
     p = sub.add_parser("verify", help=VERIFY, description=VERIFY + " (exit code 2 if any)")
     p.add_argument("run_dir", help="a run directory (jobs/self_improve.py, gapray measure)")
+    p = sub.add_parser("plan", help=PLAN, description=PLAN + " (exit code 2)")
+    p.add_argument("--config", default=None, help="YAML file (default: conf/self_improve.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. experiment=janus-pro-7b cluster.gpu_memory_gb=24")
+    for name, (_, help_text) in JOBS.items():  # listed in --help; main() hands them their arguments above
+        sub.add_parser(name, help=f"{help_text} (jobs/{JOBS[name][0]}.py; `gapray {name} --help`)")
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
             return verify(args.run_dir)
+        if args.command == "plan":
+            return plan(args.config, args.overrides)
         return run(args.command, args.config, args.overrides)
     except UserError as e:
         print(f"gapray {args.command}: error: {e}", file=sys.stderr)
@@ -45,6 +71,33 @@ def run(command: str, config: str | None, overrides: list[str]) -> int:
         print(format_summary(summary))
         print(f"outputs in {cfg.run_dir}/: verdicts.parquet, summary.json, grids/")
     return 0
+
+
+def plan(config: str | None, overrides: list[str]) -> int:
+    """The table on stdout; a role that cannot fit: one line (UserError, exit code 2) after it."""
+    from gapray.config import CONF_DIR, SelfImproveConfig, load_config
+    from gapray.plan import format_plan, plan_self_improve
+
+    cfg = load_config(SelfImproveConfig, config or CONF_DIR / "self_improve.yaml", overrides)
+    estimate = plan_self_improve(cfg)
+    print(format_plan(estimate), flush=True)
+    refusal = estimate.refusal()
+    if refusal:
+        raise UserError(refusal)
+    return 0
+
+
+def run_job(command: str, argv: list[str]) -> int:
+    """jobs/<file>.py's main(argv), loaded from the checkout gapray runs from (an editable install: `make install`)."""
+    path = JOBS_DIR / f"{JOBS[command][0]}.py"
+    if not path.is_file():
+        print(f"gapray {command}: error: {path} not found: the jobs/ folder of a gapray checkout is needed "
+              f"(install it editable: `make install` or `pip install -e .`)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location(f"gapray_job_{JOBS[command][0]}", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job.main(argv)
 
 
 def verify(run_dir: str) -> int:

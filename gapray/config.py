@@ -80,6 +80,7 @@ class ServeConfig:
     route_prefix: Optional[str] = "/gapray"  # HTTP routes <prefix>/sample, <prefix>/score; null: handles only
     http_port: int = 8000  # the Serve HTTP proxy, always on 127.0.0.1 (used when gapray starts Serve)
     access_log: bool = False  # Serve's line per request (one per handle call: ~1,100 of `make run`'s ~1,500 lines)
+    log_level: str = "WARNING"  # Serve's own log lines (controller, proxy, replicas, handles): INFO to see them
     # Delete the app before each training phase and deploy it again after, so that the trainer gets the GPUs the
     # replicas hold (on one 8-GPU machine an 8-worker trainer never schedules beside a GPU replica). auto: when
     # both the replicas (num_gpus > 0) and the trainer's workers reserve GPUs; always; never.
@@ -88,13 +89,24 @@ class ServeConfig:
 
 @dataclass
 class DataConfig:
-    """The Ray Data verdict pipeline (gapray/data/pipeline.py) and the preference data built from it."""
-    concurrency: int = 2  # actors per stage (sample, score) that keep requests in flight to Serve
+    """The Ray Data verdict pipeline (gapray/backends/ray.py) and the preference data built from it."""
+    concurrency: int = 2  # pipeline actors that keep self_judge requests in flight to Serve
     num_cpus: float = 0.1  # logical CPUs per Data actor: they mostly wait on Serve
     min_margin: float = 0.0  # DPO pairs need chosen p_aligned - rejected p_aligned >= min_margin
     reencode_images: bool = True  # training rows carry the decoded picture's VQ tokens, not the sampled ones
     ref_logprobs: bool = False  # precompute reference log-probs of chosen/rejected (the serving policy)
     request_retries: int = 20  # per Serve call: a request lost with its replica is sent again (same seeds)
+    memory_mb: int = 512  # memory each pipeline actor asks Ray for (it holds ~365 MiB: torch and pyarrow imported)
+    verbose: bool = False  # Ray Data's own lines (execution plans, "execution finished") in the job log
+
+
+# ---- cluster: what gapray cannot ask Ray before a run (gapray/plan.py: `gapray plan`, the preflight's fit check) ----
+@dataclass
+class ClusterConfig:
+    # memory of each GPU in GiB (2^30 B) as nvidia-smi reports its total (80: A100 80GB; 22.5: A10G or L4); null:
+    # this machine's CUDA device, else unknown (no fit check). A config whose estimate exceeds it is refused.
+    gpu_memory_gb: Optional[float] = None
+# ---- end cluster -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,8 +135,10 @@ class JudgeConfig:
     batch_size: int = 8  # images per judge forward
     threshold: float = 0.5  # verdict = p >= threshold
     max_new_tokens: int = 16  # generate mode
-    num_gpus: Optional[float] = None  # backend=ray: GPUs per pipeline score actor, each holding a copy of the VLM
-    # judge (data.concurrency of them); null: a policy replica's share (serve.num_gpus)
+    # backend=ray: a VLM judge runs in its own Serve app, JudgeServer (gapray/serve/judge.py), called by the policy
+    # replicas with the pixels they decode
+    num_replicas: int = 1  # JudgeServer replicas, each holding a copy of the VLM
+    num_gpus: Optional[float] = None  # GPUs per JudgeServer replica (fractions share a GPU); null: serve.num_gpus
 
 
 @dataclass
@@ -295,6 +309,7 @@ class SelfImproveConfig:
     corrupt_judge: CorruptJudgeConfig = field(default_factory=CorruptJudgeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)  # backend=ray
     data: DataConfig = field(default_factory=DataConfig)  # backend=ray
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # the GPUs' memory (gapray plan)
     backend: str = "ray"  # ray: driver actor + Serve + Data (+ train.backend); local: one process
     run_dir: str = "runs/self_improve"  # submitting again with the same run_dir resumes
     grid_prompts: int = 4
@@ -354,10 +369,16 @@ class PretrainConfig:
     self_generated_k: int = 2
     self_generated_prompts: int = 512  # train prompts (task-balanced draw) whose own generations join the pool
     pool_prompts: int = 2000  # train prompts (task-balanced draw) rendered for the understanding pool
+    task_alpha: float = 0.0  # prompts drawn by task with weight (rows of the task) ** task_alpha: 0 balanced, 1 uniform
     checks: int = 4  # progress checks (dev figures + a saved model) per run
     dev_prompts: int = 60  # the dev set (grammar.dev_split of train) for progress checks; held out of training
     vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)
     init_from: Optional[str] = None  # start from this saved world model's weights, all of them (continue training)
+    # the language model's shape, for a fresh model (init_from keeps the saved model's own): WORLD_ARCH's defaults
+    lm_hidden: int = 128
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_intermediate: int = 344
     save_dtype: str = "float16"  # the shipped checkpoint's storage dtype (loads as float32)
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when there is one)
     threads: Optional[int] = None  # torch threads (None: torch's default). 1 is several times faster when
@@ -491,6 +512,13 @@ def check_values(cfg: DictConfig) -> None:
         _check_device("model.device", cfg.model.device)
     if OmegaConf.get_type(cfg) is PretrainConfig:
         _check_device("device", cfg.device)
+        for key in ("vq_steps", "lm_steps"):
+            _require(cfg[key] >= 0, key, f"must be >= 0, got {cfg[key]}")
+        for key in ("vq_batch", "gen_batch", "und_batch", "checks", "dev_prompts", "pool_prompts"):
+            _require(cfg[key] >= 1, key, f"must be >= 1, got {cfg[key]}")
+        _require(cfg.task_alpha >= 0, "task_alpha", f"must be >= 0 (0 = tasks balanced, 1 = prompts uniform), got {cfg.task_alpha}")
+        _require(cfg.lm_hidden % cfg.lm_heads == 0, "lm_hidden",
+                 f"must be a multiple of lm_heads ({cfg.lm_heads}), got {cfg.lm_hidden}")
     if OmegaConf.get_type(cfg) is TrainConfig:  # its `data` is a path and its backends differ: own checks
         return check_train(cfg)
     if OmegaConf.get_type(cfg) is SelfImproveConfig:
@@ -506,6 +534,7 @@ def check_values(cfg: DictConfig) -> None:
         _require(s.top_p is None or 0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1] or null, got {s.top_p}")
     if "judge" in cfg:
         check_judge(cfg)
+
     if "scoring" in cfg:
         _choice("scoring.mode", cfg.scoring.mode, SCORE_MODES)
         _require(0 <= cfg.scoring.threshold <= 1, "scoring.threshold", f"must be in [0, 1], got {cfg.scoring.threshold}")
@@ -525,6 +554,7 @@ def check_values(cfg: DictConfig) -> None:
         _require(d.num_cpus > 0, "data.num_cpus", f"must be > 0, got {d.num_cpus}")
         _require(0 <= d.min_margin <= 1, "data.min_margin", f"must be in [0, 1], got {d.min_margin}")
         _require(d.request_retries >= 0, "data.request_retries", f"must be >= 0, got {d.request_retries}")
+        _require(d.memory_mb >= 0, "data.memory_mb", f"must be >= 0, got {d.memory_mb}")
 
 
 def judge_kind(cfg) -> str:
@@ -572,6 +602,7 @@ def check_judge(cfg: DictConfig) -> None:
     _require(0 <= j.threshold <= 1, "judge.threshold", f"must be in [0, 1], got {j.threshold}")
     _require(j.max_new_tokens >= 1, "judge.max_new_tokens", f"must be >= 1, got {j.max_new_tokens}")
     _require(j.num_gpus is None or j.num_gpus >= 0, "judge.num_gpus", f"must be >= 0 or null, got {j.num_gpus}")
+    _require(j.num_replicas >= 1, "judge.num_replicas", f"must be >= 1, got {j.num_replicas}")
 
 
 def worker_gpus(scaling) -> float:
@@ -600,6 +631,7 @@ def check_serve(s: DictConfig) -> None:
              f"got {s.max_ongoing_requests}")
     _require(1 <= s.http_port <= 65535, "serve.http_port", f"must be a port number, got {s.http_port}")
     _choice("serve.release_for_training", s.release_for_training, ("auto", "always", "never"))
+    _choice("serve.log_level", s.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
     _require(s.route_prefix is None or s.route_prefix.startswith("/"), "serve.route_prefix",
              f"must start with '/' or be null, got '{s.route_prefix}'")
     a = s.autoscaling_config

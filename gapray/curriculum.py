@@ -26,16 +26,16 @@ data: the ledger draws only the images it lacks, preference files are rebuilt wh
 training resumes from its latest Ray Train checkpoint (train.backend=ray) or restarts (local), both
 deterministic. Assumes the run directory is on storage every node sees (a cluster: NFS/EFS/Filestore).
 
-Backends: `RayBackend` (Serve replicas sample and judge, Ray Data streams the verdicts, Ray Train trains;
-the driver is a named actor, see jobs/self_improve.py) and `LocalBackend` (one process: the same phases on
-the model in memory). Both write the same ledger rows for the same seeds.
+Backends (gapray/backends/): `RayBackend` (Serve replicas sample and judge, Ray Data streams the verdicts; the
+driver is a named actor, see jobs/self_improve.py) and `LocalBackend` (one process: the same phases on the model
+in memory). Both write the same ledger rows for the same seeds; training runs as train.backend says.
 corrupt_judge (mode flip/noise, rate) corrupts the verdicts the sample and replay phases build data from (and
 the gate audits): poor supervision on purpose; the ledgers and every measure keep the model's own verdicts.
 External judge: built once from config (gapray.judges.build_judge: judge.kind / gate.judge), it judges every image
 the sample, replay and measure phases draw (the ledger's oracle_verdict, judge_model, judge_p); rescoring the base
 images for the win rate asks only the policy again (the base images' external verdicts are already there).
-Not done: the VLM judge as its own Serve app (JudgeServer); with backend=ray it runs in the pipeline's score
-actors (gapray/data/pipeline.py). C-DPO's replay pairs are rebuilt from the replayed prompts' own candidates
+With backend=ray the policy replicas judge with it where the images are (the oracle in the replica, a VLM in
+its JudgeServer app: gapray/serve/judge.py). C-DPO's replay pairs are rebuilt from the replayed prompts' own candidates
 (the paper does not say how).
 """
 
@@ -50,25 +50,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from gapray.config import (SelfImproveConfig, TrainConfig, check_values, judge_kind, load_model,
-                           serve_released_for_training)
+from gapray.backends import build_backend
+from gapray.config import SelfImproveConfig, TrainConfig, check_values, judge_kind, serve_released_for_training
 from gapray.data.integrity import publish, read_table
 from gapray.data.ledger import VerdictLedger
 from gapray.data.preference import OUTPUTS, build_preference_data, corrupt_verdicts
 from gapray.errors import UserError
 from gapray.gauges import RunGauges
-from gapray.judges import build_judge
-from gapray.selfjudge import judge_samples, sample_and_score_images, summarize
+from gapray.selfjudge import summarize
 from gapray.metrics import by_task, win_rate
-from gapray.models import SampleOutput, SamplingParams
 from gapray.models.sampler import derive_seed
 from gapray.prompts import Prompt, load_prompts
+from gapray.rundir import RunDir
 
-STATE_FILE = "state.json"
 
 
 class GateStopped(RuntimeError):
@@ -84,6 +81,11 @@ def plan_phases(cfg) -> list[str]:
             phases += [f"replay/{r}", f"train/{r}/b"]
         phases.append(f"measure/{r + 1}")
     return phases + ["report"]
+
+
+# The namespace of a run's named actors (driver, gauges): one for every job, so that a second `ray job submit` of a
+# run finds the live driver (and refuses) and its gauges actor; an anonymous one per job would hide them.
+ACTOR_NAMESPACE = "gapray"
 
 
 def driver_name(run_dir: str | Path) -> str:
@@ -108,7 +110,7 @@ class RunState:
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunState":
-        path = run_dir / STATE_FILE
+        path = RunDir(run_dir).state
         if not path.is_file():
             return cls()
         try:
@@ -117,125 +119,10 @@ class RunState:
             raise UserError(f"run_dir: '{path}' is not a gapray state file ({e}); choose another run_dir") from None
 
     def save(self, run_dir: Path) -> None:
-        tmp = run_dir / f".{STATE_FILE}.tmp"
+        path = RunDir(run_dir).state
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        os.replace(tmp, run_dir / STATE_FILE)  # atomic: a crash leaves the old state or the new, never half
-
-
-# ---- backends: where images are drawn and judged ------------------------------------------------------------
-class LocalBackend:
-    """One process: the model in memory samples and judges; training runs as train.backend says."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.model = load_model(cfg.model)
-        self.judge = build_judge(cfg)  # the external judge, loaded once beside the policy (None: judge.kind=none)
-        self.checkpoint: str | None = None
-        self.policy_version = 0
-
-    def serve(self, checkpoint: str | None, policy_version: int) -> None:
-        if checkpoint != self.checkpoint:
-            from gapray.serve.server import swap_weights
-            swap_weights(self.model, OmegaConf.to_container(self.cfg.model), checkpoint)
-            self.checkpoint = checkpoint
-        self.policy_version = policy_version
-
-    def fill(self, prompts: list[Prompt], ledger: VerdictLedger, round: int, k: int, seed: int, desc: str) -> int:
-        from tqdm import tqdm
-
-        todo = ledger.missing(round, prompts, k)
-        sampling = SamplingParams(**OmegaConf.to_container(self.cfg.sampling))
-        added = 0
-        with tqdm(total=sum(len(i) for _, i in todo), unit="img", desc=desc, dynamic_ncols=True, mininterval=5) as bar:
-            for start in range(0, len(todo), self.cfg.batch_prompts):
-                chunk = todo[start:start + self.cfg.batch_prompts]
-                rows = sample_and_score_images(self.model, chunk, sampling, seed, self.cfg.scoring.mode,
-                                               self.cfg.scoring.threshold, self.judge)
-                added += self._write(ledger, round, rows)
-                bar.update(len(rows))
-        return added
-
-    def rescore(self, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, round: int) -> int:
-        by_id = {p.prompt_id: p for p in prompts}
-        have = ledger.keys(round)
-        todo = [r for r in rows.to_pylist() if (r["prompt_id"], r["sample_idx"]) not in have]
-        added = 0
-        for start in range(0, len(todo), 64):
-            chunk = todo[start:start + 64]
-            flat = [by_id[r["prompt_id"]] for r in chunk]
-            out = SampleOutput(tokens=_tokens(chunk), logprobs=_logprobs(chunk), seeds=[r["seed"] for r in chunk])
-            # the policy's verdicts only: the win rate reads the external verdicts of the original rows
-            added += self._write(ledger, round, judge_samples(self.model, flat, [r["sample_idx"] for r in chunk], out,
-                                                              self.cfg.scoring.mode, self.cfg.scoring.threshold))
-        return added
-
-    def decode(self, tokens):
-        return self.model.decode(tokens)
-
-    def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
-        return self.model.reencode(torch.tensor(tokens)).tolist()
-
-    def reference(self):
-        from gapray.data.preference import local_reference
-        return local_reference(self.model, batch_size=self.cfg.serve.max_batch_size)
-
-    def _write(self, ledger: VerdictLedger, round: int, rows: list[dict]) -> int:
-        from gapray.data.schemas import LEDGER_SCHEMA
-
-        ledger.write_part(round, pa.Table.from_pylist(
-            [{"round": round, **r, "policy_version": self.policy_version} for r in rows], schema=LEDGER_SCHEMA))
-        return len(rows)
-
-
-class RayBackend:
-    """Serve replicas (one ModelServer app) sample and judge; Ray Data streams verdicts into the ledger."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.app = cfg.serve.app_name
-        self.policy_version = 0
-
-    def serve(self, checkpoint: str | None, policy_version: int) -> None:
-        from gapray.serve.server import deploy
-
-        # deploy() of a running app with the same model only changes user_config: reconfigure() on the live
-        # replicas, no restart (on resume: a no-op when Serve already serves this policy)
-        deploy(self.cfg.model, self.cfg.serve, name=self.app, checkpoint=checkpoint, policy_version=policy_version)
-        self.policy_version = policy_version
-
-    def release(self) -> None:
-        """Delete the app (its replicas and the GPUs they hold) until serve() deploys it again."""
-        from ray import serve
-
-        serve.delete(self.app)  # returns once the replicas are gone and their resources are free
-
-    def fill(self, prompts: list[Prompt], ledger: VerdictLedger, round: int, k: int, seed: int, desc: str) -> int:
-        from gapray.data.pipeline import fill_ledger
-        return fill_ledger(self.cfg, prompts, ledger, round, k=k, seed=seed, app_name=self.app, desc=desc)
-
-    def rescore(self, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, round: int) -> int:
-        from gapray.data.pipeline import rescore
-        return rescore(self.cfg, rows, prompts, ledger, round, app_name=self.app, policy_version=self.policy_version)
-
-    def decode(self, tokens):
-        from gapray.data.pipeline import serve_decode
-        return serve_decode(self.app)(tokens)
-
-    def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
-        from gapray.data.pipeline import serve_reencode
-        return serve_reencode(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)(tokens)
-
-    def reference(self):
-        from gapray.data.pipeline import serve_reference
-        return serve_reference(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)
-
-
-def _tokens(rows: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["image_tokens"] for r in rows])
-
-
-def _logprobs(rows: list[dict]) -> torch.Tensor:
-    return torch.tensor([[r["logprob"]] for r in rows])  # the summed log-prob, as one "token"
+        os.replace(tmp, path)  # atomic: a crash leaves the old state or the new, never half
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------
@@ -247,16 +134,18 @@ class CurriculumDriver:
         self.cfg = OmegaConf.merge(OmegaConf.structured(SelfImproveConfig), cfg)
         check_values(self.cfg)
         self.run_dir = Path(self.cfg.run_dir).resolve()
+        self.paths = RunDir(self.run_dir)
         self.prompts = load_prompts(self.cfg.prompts, limit=self.cfg.max_prompts)
         self.eval_prompts = load_prompts(self.cfg.eval_prompts, limit=self.cfg.max_eval_prompts)
         self.composition_prompts = load_prompts(self.cfg.composition_prompts, limit=self.cfg.max_eval_prompts) \
             if self.cfg.composition_prompts else []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         check_resumable(self.run_dir, self.cfg)
-        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(self.cfg, self.paths.config, resolve=True)
         self.state = RunState.load(self.run_dir)
-        self.backend = RayBackend(self.cfg) if self.cfg.backend == "ray" else LocalBackend(self.cfg)
-        self.gauges = RunGauges(self.run_dir.name, driver_name(self.run_dir).replace("-driver-", "-gauges-"))
+        self.backend = build_backend(self.cfg)
+        self.gauges = RunGauges(self.run_dir.name, driver_name(self.run_dir).replace("-driver-", "-gauges-"),
+                                namespace=ACTOR_NAMESPACE)
 
     # -- public --
     def run(self) -> dict:
@@ -271,7 +160,7 @@ class CurriculumDriver:
             self._run_phases()
         finally:
             self.gauges.close()  # they stay exported a while longer, for the scrape after the last phase
-        return json.loads((self.run_dir / "summary.json").read_text())
+        return json.loads(self.paths.summary.read_text())
 
     def _run_phases(self) -> None:
         for phase in plan_phases(self.cfg):
@@ -296,21 +185,21 @@ class CurriculumDriver:
     # -- phases --
     def _measure(self, i: str) -> None:
         i = int(i)
-        ledger = VerdictLedger(self.run_dir / "eval" / "ledger")
+        ledger = VerdictLedger(self.paths.eval_ledger())
         self.backend.fill(self.eval_prompts, ledger, i, self.cfg.eval_images_per_prompt, self.cfg.seed,
                           desc=f"measure/{i}")
         rows = _ordered(ledger.read(i), self.eval_prompts)
         summary = summarize(rows)
         if i > 0:  # the current policy's verdicts on the base model's images: the understanding win rate
             base = ledger.read(0)
-            rescored = VerdictLedger(self.run_dir / "eval" / "rescore")
+            rescored = VerdictLedger(self.paths.rescore_ledger)
             self.backend.rescore(base, self.eval_prompts, rescored, i)
             now = {(r["prompt_id"], r["sample_idx"]): r["verdict"] for r in rescored.read(i).to_pylist()}
             paired = [{**r, "base_verdict": r["verdict"], "verdict": now[(r["prompt_id"], r["sample_idx"])]}
                       for r in _ordered(base, self.eval_prompts)]
             summary["win_rate"] = by_task(paired, win_rate)
         if self.composition_prompts:  # the stress test, drawn like the eval images and reported apart
-            comp = VerdictLedger(self.run_dir / "composition" / "ledger")
+            comp = VerdictLedger(self.paths.eval_ledger("composition"))
             self.backend.fill(self.composition_prompts, comp, i, self.cfg.eval_images_per_prompt, self.cfg.seed,
                               desc=f"measure/{i} composition")
             summary["composition"] = summarize(_ordered(comp.read(i), self.composition_prompts))
@@ -321,13 +210,13 @@ class CurriculumDriver:
 
     def _sample(self, r: str) -> None:
         r = int(r)
-        ledger = VerdictLedger(self.run_dir / "ledger")
+        ledger = VerdictLedger(self.paths.ledger)
         self.backend.fill(self.prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "round", r),
                           desc=f"sample/{r}")
-        counts = build_preference_data(ledger, r, self.data_dir(r), min_margin=self.cfg.data.min_margin,
+        counts = build_preference_data(ledger, r, self.paths.data(r), min_margin=self.cfg.data.min_margin,
                                        verdicts=self._verdicts("sample", r), reencode=self._reencode(),
                                        reference=self._reference())
-        self.state.discard_pool = _prompt_ids(self.data_dir(r) / "discard.parquet")
+        self.state.discard_pool = _prompt_ids(self.paths.data(r) / "discard.parquet")
         self.state.rounds[str(r)] = {"start_checkpoint": self.state.checkpoint, "sample": counts}
         self.gauges.set(sft_samples=counts["sft"], dpo_pairs=counts["dpo"], discard_pool=counts["discard"])
 
@@ -335,7 +224,7 @@ class CurriculumDriver:
         r = int(r)
         audit = {"judge": self.cfg.gate.judge}
         if self.cfg.gate.judge != "none":  # the run's external judge (config.check_judge): its ledger verdicts
-            t = VerdictLedger(self.run_dir / "ledger").read(r, ["prompt_id", "sample_idx", "p_aligned", "verdict",
+            t = VerdictLedger(self.paths.ledger).read(r, ["prompt_id", "sample_idx", "p_aligned", "verdict",
                                                                  "oracle_verdict"])
             corrupt = self._verdicts("sample", r)  # audit what training will see
             t = t if corrupt is None else corrupt(t)
@@ -356,7 +245,7 @@ class CurriculumDriver:
         message = (f"data-quality gate: round {r}: the external judge ({audit['judge_model']}) finds only "
                    f"{audit['right']} of {audit['audited']} audited accepted images right (precision {precision:.2f} < gate.min_precision "
                    f"{self.cfg.gate.min_precision}); training on these self-verdicts would teach the model its own "
-                   f"mistakes (co-degradation). Inspect {self.run_dir / 'ledger' / f'round={r}'}")
+                   f"mistakes (co-degradation). Inspect {VerdictLedger(self.paths.ledger).round_dir(r)}")
         if self.cfg.gate.on_fail == "warn":
             print(f"[gapray] WARNING (gate.on_fail=warn, training anyway): {message}", flush=True)
             return
@@ -370,7 +259,7 @@ class CurriculumDriver:
         objective = "dpo" if c.mode.endswith("dpo") else "sft"
         replay_epoch = c.replay_epoch or c.train.epochs // 2
         epochs = c.train.epochs if not c.mode.startswith("c-") else (replay_epoch if part == "a" else c.train.epochs - replay_epoch)
-        data = self.data_dir(r) if part == "a" else self.data_dir(r) / "with_replay"
+        data = self.paths.data(r) if part == "a" else self.paths.with_replay(r)
         start = self.state.rounds[str(r)]["start_checkpoint"]  # the round's first policy: DPO's reference
         # part a's pairs carry that policy's log-probs (data.ref_logprobs): no frozen copy; with_replay's replay
         # pairs were drawn by part a's policy, so part b keeps the frozen copy of the round's first policy
@@ -380,12 +269,15 @@ class CurriculumDriver:
             "data": str(data), "objective": objective, "epochs": epochs,
             "seed": derive_seed(c.seed, "train", c.train.seed, r, part) % 2**31,
             "loss": {"reference": reference}, "reference_model": start or c.model.path,
-            "run_dir": str(self.run_dir / "checkpoints" / f"round={r}" / part),
+            "run_dir": str(self.paths.train(r, part)),
             "overwrite": c.train.backend == "local",  # local training cannot resume: an interrupted one starts over
         })
         check_values(tcfg)
         from gapray.train import run_training
 
+        if c.train.backend == "ray":  # no-op in the driver actor of backend=ray; a local driver starts its Ray here
+            from gapray.backends.ray import init_ray
+            init_ray(c)
         if serve_released_for_training(c):  # the trainer gets the replicas' GPUs; serve() below deploys again
             self.backend.release()
         result = run_training(tcfg)
@@ -402,17 +294,17 @@ class CurriculumDriver:
         r = int(r)
         pool = set(self.state.discard_pool)
         prompts = [p for p in self.prompts if p.prompt_id in pool]
-        ledger = VerdictLedger(self.run_dir / "replay")
+        ledger = VerdictLedger(self.paths.replay_ledger)
         self.backend.fill(prompts, ledger, r, self.cfg.images_per_prompt, derive_seed(self.cfg.seed, "replay", r),
                           desc=f"replay/{r}")
-        counts = build_preference_data(ledger, r, self.data_dir(r) / "replay", min_margin=self.cfg.data.min_margin,
+        counts = build_preference_data(ledger, r, self.paths.replay_data(r), min_margin=self.cfg.data.min_margin,
                                        verdicts=self._verdicts("replay", r), reencode=self._reencode())
-        still = set(_prompt_ids(self.data_dir(r) / "replay" / "discard.parquet"))
-        out = self.data_dir(r) / "with_replay"
+        still = set(_prompt_ids(self.paths.replay_data(r) / "discard.parquet"))
+        out = self.paths.with_replay(r)
         out.mkdir(parents=True, exist_ok=True)
         for name in ("sft", "dpo"):
-            table = pa.concat_tables([read_table(self.data_dir(r) / f"{name}.parquet"),
-                                      read_table(self.data_dir(r) / "replay" / f"{name}.parquet")])
+            table = pa.concat_tables([read_table(self.paths.data(r) / f"{name}.parquet"),
+                                      read_table(self.paths.replay_data(r) / f"{name}.parquet")])
             tmp = out / f".{name}.parquet.tmp"
             pq.write_table(table.cast(OUTPUTS[name]), tmp)
             publish(tmp, out / f"{name}.parquet")
@@ -448,11 +340,8 @@ class CurriculumDriver:
     def _report(self) -> None:
         from gapray.report import write_run_report
         write_run_report(self.run_dir, self.cfg, self.state, self.backend.decode,
-                         {i: _ordered(VerdictLedger(self.run_dir / "eval" / "ledger").read(int(i)), self.eval_prompts)
+                         {i: _ordered(VerdictLedger(self.paths.eval_ledger()).read(int(i)), self.eval_prompts)
                           for i in ("0", str(self.cfg.rounds))})
-
-    def data_dir(self, r: int) -> Path:
-        return self.run_dir / "data" / f"round={r}"
 
 
 def _ordered(table: pa.Table, prompts: list[Prompt]) -> list[dict]:
@@ -466,12 +355,12 @@ def _prompt_ids(path: Path) -> list[str]:
 
 
 # Keys that may change between a run and its resumption: they change how, not what, is computed.
-RESUME_MAY_CHANGE = {"serve", "data", "run_dir", "grid_prompts", "batch_prompts"}
+RESUME_MAY_CHANGE = {"serve", "data", "run_dir", "grid_prompts", "batch_prompts", "cluster"}
 
 
 def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
     """A run directory resumes only the run it holds: refuse another configuration (one line naming the key)."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunDir(run_dir).config
     if not saved_path.is_file():
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path))

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from gapray.models.janus import JanusModel, append_tokens, image_token_logprobs
-from gapray.verdict import ANSWER_PREFIX, answer_tokens
-from gapray.world.pretrain import CAPTION_REQUEST
+from gapray.verdict import ANSWER_PREFIX, CAPTION_REQUEST, answer_tokens
 
 
 def _flat_grad(params: list[torch.nn.Parameter], value: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ class GaugeKeeper:
 class RunGauges:
     """The driver's side: `set(name=value, ...)` during the run, `close()` at its end."""
 
-    def __init__(self, run: str, actor_name: str, linger_s: float = 60.0):
+    def __init__(self, run: str, actor_name: str, linger_s: float = 60.0, namespace: str | None = None):
         self.keeper, self.linger_s = None, linger_s
         try:
             import ray
@@ -82,7 +82,8 @@ class RunGauges:
             return
         if ray.is_initialized():
             self.keeper = ray.remote(GaugeKeeper).options(
-                name=actor_name, lifetime="detached", get_if_exists=True, num_cpus=0, max_concurrency=2).remote(run)
+                name=actor_name, namespace=namespace, lifetime="detached", get_if_exists=True, num_cpus=0,
+                max_concurrency=2).remote(run)
 
     def set(self, **values) -> None:
         if self.keeper is not None:

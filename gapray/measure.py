@@ -11,7 +11,7 @@ model the verdict question about each, and record one row per image. Outputs in 
   grids/<task>.png  images with their verdicts drawn on them
 
 The unit of work of both backends is in gapray/selfjudge.py (the Ray-free core): the local loop here calls
-`sample_and_score`, and the Ray pipeline (gapray/data/pipeline.py) builds its rows with the same
+`sample_and_score`, and the Ray pipeline (gapray/backends/ray.py) builds its rows with the same
 `verdict_rows`, so the two backends compute the same rows for the same seeds.
 Assumes the whole verdict table fits in memory (it holds token ids, not pixels).
 """
@@ -79,7 +79,7 @@ def run_measure(cfg: DictConfig) -> dict:
     # start leaves nothing behind.
     if cfg.backend == "ray":
         check_model(cfg.model)
-        model = judge = None  # the pipeline's score actors build the judge (gapray/data/pipeline.py)
+        model = judge = None  # the replicas (and a VLM's JudgeServer) judge: gapray/backends/ray.py
     else:
         model = load_model(cfg.model)
         judge = build_judge(cfg)  # the external judge beside the policy (None: judge.kind=none)
@@ -108,7 +108,7 @@ def run_measure(cfg: DictConfig) -> dict:
         return summary
 
     if cfg.backend == "ray":
-        from gapray.data.pipeline import measure_ray
+        from gapray.backends.ray import measure_ray
         return measure_ray(cfg, prompts, write_outputs)
     return write_outputs(measure_local(cfg, model, prompts, judge), model.decode)
 

@@ -24,6 +24,11 @@ start of run_measure, before any phase runs: no Ray head is started and nothing 
   6. a hub id not in the local cache that cannot be reached: offline (HF_HUB_OFFLINE), gated, misspelt, or no
      answer within 5 s (one HEAD request for its config.json; nothing is downloaded).
 
+jobs/self_improve.py's check_self_improve asks first whether a GPU of the run can hold its share at all
+(gapray/plan.py, what `gapray plan` prints): a training worker, Serve replica or judge actor whose estimate
+exceeds cluster.gpu_memory_gb (null: this machine's CUDA device; neither: not checked) is refused, naming the
+fixes that would fit (zero_stage, offload, workers, gradient checkpointing, serve.max_batch_size, more memory).
+
 The checks are plain functions of (config, resources); only `cluster_resources` imports Ray, and only when
 RAY_ADDRESS is set.
 """
@@ -36,7 +41,8 @@ import os
 import re
 from pathlib import Path
 
-from gapray.config import BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, check_model, serve_released_for_training, worker_gpus
+from gapray.config import (BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, check_model, judge_kind, serve_released_for_training,
+                           worker_gpus)
 from gapray.errors import UserError
 
 HUB_TIMEOUT_S = 5.0
@@ -95,6 +101,11 @@ def ray_demands(cfg) -> list[tuple[str, dict[str, float], int]]:
         floor = s.num_replicas if a is None else a.min_replicas  # autoscaling may go down to min_replicas
         out.append((f"serve (serve.num_cpus={s.num_cpus:g}, serve.num_gpus={s.num_gpus:g} per replica)",
                     {"CPU": s.num_cpus, "GPU": s.num_gpus}, floor))
+        if "judge" in cfg and judge_kind(cfg) == "vlm":  # its JudgeServer app (gapray/serve/judge.py)
+            j = cfg.judge
+            gpus = s.num_gpus if j.num_gpus is None else j.num_gpus
+            out.append((f"judge (JudgeServer: judge.num_replicas={j.num_replicas}, judge.num_gpus={gpus:g} per replica)",
+                        {"CPU": s.num_cpus, "GPU": gpus}, j.num_replicas))
     if "train" in cfg and cfg.train.backend == "ray":
         sc = cfg.train.scaling
         gpus = worker_gpus(sc)
@@ -139,17 +150,20 @@ def check_resources(cfg, local: Resources, target: Resources) -> None:
             largest = ", ".join(f"[{_fmt(s)}]" for s in target.shapes()[:4])
             raise UserError(f"{key}: one asks for {_fmt(need)}, but no node of {target.where} can hold that "
                             f"(nodes and node types: {largest}); ask for less, or add such a node")
-    held = [bundle["GPU"] * n for _, bundle, n in demands] or [0.0]
-    released = serve_released_for_training(cfg)  # Serve's GPUs go to the trainer while it trains
-    if gpu_keys and (max(held) if released else sum(held)) > have:
+    training = sum(bundle["GPU"] * n for key, bundle, n in demands if key.startswith("training"))
+    serving = sum(bundle["GPU"] * n for key, bundle, n in demands if not key.startswith("training"))
+    released = serve_released_for_training(cfg)  # Serve's (and the judge's) GPUs go to the trainer while it trains
+    held = max(serving, training) if released else serving + training
+    if gpu_keys and held > have:
         parts = (" or " if released else " + ").join(f"{n} x {bundle['GPU']:g} for {key.split(' ')[0]}"
                                                      for key, bundle, n in demands if bundle["GPU"] > 0)
         trains = "train" in cfg
         why = ("the larger of Serve and training" if released else
                "Serve keeps its replicas while training runs" if trains else "every replica at once")
-        raise UserError(f"the run holds {max(held) if released else sum(held):g} GPUs at once ({parts}: {why}), but "
+        raise UserError(f"the run holds {held:g} GPUs at once ({parts}: {why}), but "
                         f"{target.where} has at most {have:g}; lower {'train.scaling.num_workers or ' if trains else ''}"
-                        f"the replicas (serve.num_replicas, serve.autoscaling_config.min_replicas)"
+                        f"the replicas (serve.num_replicas, serve.autoscaling_config.min_replicas"
+                        f"{', judge.num_replicas, judge.num_gpus' if any(k.startswith('judge') for k, _, _ in demands) else ''})"
                         f"{', or let the trainer take them: serve.release_for_training=always' if trains and not released else ''}")
 
 
@@ -400,11 +414,39 @@ def check_run_dir(run_dir: str | Path) -> None:
 
 
 # ---- the entry points ----------------------------------------------------------------------------------------------
+def check_space(cfg) -> None:
+    """Refuse a run whose checkpoints and exported models (gapray.plan.run_dir_bytes) do not fit the free space of
+    run_dir's filesystem, before it trains for hours and fails writing its last checkpoint. A model whose size is
+    unknown here (a hub id neither cached nor known) is not checked."""
+    import shutil
+
+    from gapray.plan import GiB, model_arch, run_dir_bytes
+
+    try:
+        arch = model_arch(cfg.model.path)
+    except Exception:  # a config.json this transformers cannot read: load_model will say so
+        arch = None
+    if arch is None:
+        return
+    need, how = run_dir_bytes(cfg, arch)
+    where = Path(cfg.run_dir).resolve()
+    while not where.exists():  # the nearest existing parent: run_dir may not be made yet
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise UserError(f"run_dir '{cfg.run_dir}': the run writes up to ~{need / GiB:.1f} GiB ({how}), but its "
+                        f"filesystem ({where}) has {free / GiB:.1f} GiB free; free space, lower "
+                        f"train.checkpoint.num_to_keep or rounds, or choose a run_dir on a larger volume")
+
+
 def check_self_improve(cfg, overrides=(), config_file: str | Path | None = None) -> None:
     """Everything jobs/self_improve.py can refuse before a phase runs; `overrides`/`config_file` tell whether
     model.dtype was given. The cheap checks first; a cluster (RAY_ADDRESS) is asked late: connecting takes seconds."""
     from gapray.prompts import load_prompts
 
+    from gapray.plan import check_fits
+
+    check_fits(cfg)  # pure arithmetic on the config: a run no GPU of that size can hold, wherever it runs
     local = local_resources()
     cluster = bool(os.environ.get("RAY_ADDRESS")) and "ray" in (cfg.backend, cfg.train.backend)
     if not cluster:
@@ -413,6 +455,7 @@ def check_self_improve(cfg, overrides=(), config_file: str | Path | None = None)
     check_train_precision(cfg)
     check_batch(cfg, len(load_prompts(cfg.prompts, limit=cfg.max_prompts)))
     check_run_dir(cfg.run_dir)
+    check_space(cfg)
     if cluster:
         check_resources(cfg, local, cluster_resources())
     check_hub(cfg.model)

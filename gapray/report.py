@@ -14,10 +14,22 @@ from PIL import Image, ImageDraw
 
 GREEN, RED, GREY = (40, 170, 70), (210, 50, 50), (128, 128, 128)
 CELL = 128  # pixels per image in a grid, whatever the model's resolution
+WORD_GAP = 4  # pixels between words: PIL's default font draws a space 2 px wide ("a photoofa circle")
 
 
 def verdict_color(verdict: int | None) -> tuple[int, int, int]:
     return GREY if verdict is None else (GREEN if verdict == 1 else RED)
+
+
+def draw_words(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, fill) -> int:
+    """`text` drawn word by word, WORD_GAP px apart; returns the x where it ends."""
+    x, y = xy
+    for i, word in enumerate(text.split(" ")):
+        if i:
+            x += WORD_GAP
+        draw.text((x, y), word, fill=fill)
+        x += int(draw.textlength(word))
+    return x
 
 
 def image_grid(images: np.ndarray, labels: list[str], colors: list[tuple], ncol: int, title: str = "",
@@ -31,12 +43,12 @@ def image_grid(images: np.ndarray, labels: list[str], colors: list[tuple], ncol:
     grid = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     if title:
-        draw.text((4, 3), title, fill=(0, 0, 0))
+        draw_words(draw, (4, 3), title, fill=(0, 0, 0))
     for i, (img, label, color) in enumerate(zip(images, labels, colors)):
         x, y = (i % ncol) * (CELL + 2 * pad), top + (i // ncol) * (CELL + 2 * pad + cap)
         draw.rectangle([x, y, x + CELL + 2 * pad - 1, y + CELL + 2 * pad - 1], fill=color)
         grid.paste(Image.fromarray(img).resize((CELL, CELL), Image.NEAREST), (x + pad, y + pad))
-        draw.text((x + pad, y + CELL + 2 * pad), label, fill=color)
+        draw_words(draw, (x + pad, y + CELL + 2 * pad), label, fill=color)
         if marks is not None:
             draw.rectangle([x + CELL - 10, y + pad, x + CELL + pad - 1, y + pad + 13], fill=marks[i], outline=(255, 255, 255))
     return grid
@@ -177,9 +189,12 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     """summary.json, report.md, plots/*.png and grids/{base,final}_<task>.png of a finished run."""
     import json
 
+    from gapray.rundir import RunDir
+
     from gapray.config import judge_kind
     from gapray.train.loop import read_metrics
 
+    paths = RunDir(run_dir)
     first, last = "0", str(cfg.rounds)
     kind = judge_kind(cfg)
     base, final = state.evals[first], state.evals[last]
@@ -192,12 +207,12 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     train_logs = {}
     for r in range(cfg.rounds):
         for part in ("a", "b"):
-            d = run_dir / "checkpoints" / f"round={r}" / part
+            d = paths.train(r, part)
             if (d / "metrics.jsonl").is_file():
                 train_logs[f"round {r} {part}"] = [m for m in read_metrics(str(d)) if "loss" in m]
-    plots = plot_history(state.evals, train_logs, run_dir / "plots")
-    grids = write_verdict_grids(decode, eval_rows[first], run_dir / "grids", cfg.grid_prompts, prefix="base_")
-    grids += write_verdict_grids(decode, eval_rows[last], run_dir / "grids", cfg.grid_prompts, prefix="final_")
+    plots = plot_history(state.evals, train_logs, paths.plots)
+    grids = write_verdict_grids(decode, eval_rows[first], paths.grids, cfg.grid_prompts, prefix="base_")
+    grids += write_verdict_grids(decode, eval_rows[last], paths.grids, cfg.grid_prompts, prefix="final_")
 
     lines = [f"# gapray self-improvement run: {run_dir.name}", "",
              f"mode **{cfg.mode}**, {cfg.rounds} round(s), model `{cfg.model.path}`, seed {cfg.seed}; "
@@ -223,6 +238,6 @@ def write_run_report(run_dir: Path, cfg, state, decode, eval_rows: dict[str, lis
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", f"## Image grids (frame: own verdict; corner: the external judge, {judge_label(state.evals)})", ""] + [f"![{p.stem}](grids/{p.name})" for p in grids]
     lines += ["", "## Time per phase (s)", "", ", ".join(f"{k} {v}" for k, v in state.seconds.items()), ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    paths.report.write_text("\n".join(lines))
+    paths.summary.write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,8 +1,8 @@
 """The Ray-free self-judging core: sample -> decode -> self-judge -> verdict rows -> summary.
 
-One image's seed is a function of (run seed, prompt id, sample index) alone (`image_seed`), so an image never
+One image's seed is a function of (run seed, prompt id, sample index) alone (gapray.models.sampler.image_seed), so an image never
 depends on batching, replicas or workers. `verdict_rows` is the one place verdict rows are built: the local loop
-(`sample_and_score`), the Ray pipeline's score stage (gapray/data/pipeline.py) and the Serve replicas all call
+(`sample_and_score`), the Ray pipeline's score stage (gapray/backends/ray.py) and the Serve replicas all call
 into this module, which imports none of them.
 
 The external judge is injected (`judge`: a gapray.judges.ExternalJudge: the shapes world's oracle, a VLM, or None
@@ -15,14 +15,9 @@ from __future__ import annotations
 
 from gapray.metrics import by_task, geneval_score, non_unification, oracle_figures
 from gapray.models import SampleOutput, SamplingParams, ScoreOutput, UnifiedModel
-from gapray.models.sampler import derive_seed
+from gapray.models.sampler import image_seed
 from gapray.prompts import Prompt
 from gapray.verdict import to_verdict
-
-
-def image_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
-    """The seed of one image: a function of (run seed, prompt id, sample index) alone."""
-    return derive_seed(seed, prompt_id, sample_idx)
 
 
 def sample_and_score(model: UnifiedModel, prompts: list[Prompt], k: int, sampling: SamplingParams,

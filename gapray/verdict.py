@@ -21,6 +21,9 @@ VERDICT_QUESTION = (
     "answer in the following format: The score is {{your score}}."
 )
 ANSWER_PREFIX = "The score is"
+# The caption request: what the shapes-world model is pretrained to answer with its prompt (gapray/world/pretrain.py)
+# and the learning-dynamics diagnostic teacher-forces (gapray/diagnostics.py).
+CAPTION_REQUEST = "Describe this image."
 
 _SCORE = re.compile(r"score\s+is\s*[:=]?\s*\{?\s*([01])(?![0-9.]*[0-9])", re.IGNORECASE)
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)

@@ -48,11 +48,13 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rows, dev = dev_split(load_world_prompts("train"), cfg.dev_prompts)  # dev: for progress checks only
-    model = build_world_model(cfg.seed, cfg.device)
     t0 = time.perf_counter()
-    if cfg.init_from:  # continue an earlier run: every weight, tokenizer included
-        model.model.load_state_dict(JanusModel.from_pretrained(cfg.init_from).model.state_dict())
+    if cfg.init_from:  # continue an earlier run: every weight, tokenizer included, in its own architecture
+        model = JanusModel.from_pretrained(cfg.init_from, device=cfg.device)
         log(f"all weights loaded from {cfg.init_from}")
+    else:
+        model = build_world_model(cfg.seed, cfg.device, hidden_size=cfg.lm_hidden, num_layers=cfg.lm_layers,
+                                  num_heads=cfg.lm_heads, intermediate_size=cfg.lm_intermediate)
     if cfg.vq_from:  # stage 1 done before: start from that tokenizer (and train it further if vq_steps > 0)
         trained = JanusModel.from_pretrained(cfg.vq_from).model.model.vqmodel
         model.model.model.vqmodel.load_state_dict(trained.state_dict())
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> int:
         train_lm(model, rows, cfg.lm_steps, gen_batch=cfg.gen_batch, und_batch=cfg.und_batch, lr=cfg.lm_lr,
                  self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
                  dev_rows=dev, seed=cfg.seed, log=log, on_dev_check=save, pool_prompts=cfg.pool_prompts,
-                 self_generated_prompts=cfg.self_generated_prompts, checks=cfg.checks)
+                 self_generated_prompts=cfg.self_generated_prompts, checks=cfg.checks,
+                 task_alpha=cfg.task_alpha)
     if saved_at[-1:] != [cfg.lm_steps]:  # the last progress check, at the last step, saved it already
         save()
     return 0

@@ -57,23 +57,23 @@ def load(argv: list[str]):
 def run(cfg) -> dict:
     from omegaconf import OmegaConf
 
-    from gapray.curriculum import CurriculumDriver, driver_name
+    from gapray.curriculum import ACTOR_NAMESPACE, CurriculumDriver, driver_name
 
     if cfg.backend == "local":
         return CurriculumDriver(cfg).run()
     import ray
 
-    from gapray.data.pipeline import init_ray
+    from gapray.backends.ray import init_ray
 
     started = init_ray(cfg, log_to_driver=True)
     try:
         name = driver_name(cfg.run_dir)
         try:  # a named actor: a second driver for the same run_dir is refused while the first lives
-            ray.get_actor(name)
+            ray.get_actor(name, namespace=ACTOR_NAMESPACE)
             raise UserError(f"run_dir '{cfg.run_dir}' is being run by a live driver ({name}); wait for it or stop it")
         except ValueError:
             pass
-        driver = ray.remote(CurriculumDriver).options(name=name, num_cpus=0, max_concurrency=2).remote(
+        driver = ray.remote(CurriculumDriver).options(name=name, namespace=ACTOR_NAMESPACE, num_cpus=0, max_concurrency=2).remote(
             OmegaConf.to_container(cfg, resolve=True))
         return ray.get(driver.run.remote())
     finally:

@@ -31,7 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         from gapray.train import run_training
 
         cfg = load_config(TrainConfig, args.config or CONF_DIR / "train.yaml", args.overrides)
-        result = run_training(cfg)
+        started = False
+        if cfg.backend == "ray":
+            from gapray.backends.ray import init_ray
+            started = init_ray(cfg)
+        try:
+            result = run_training(cfg)
+        finally:
+            if started:
+                import ray
+                ray.shutdown()
     except UserError as e:
         print(f"jobs/train.py: error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gapray.data.ledger import VerdictLedger
-from gapray.data.preference import build_preference_data, local_reference
+from gapray.data.preference import build_preference_data
+from gapray.models.base import local_reference
 from gapray.data.schemas import DISCARD_SCHEMA, DPO_SCHEMA, LEDGER_SCHEMA, SFT_SCHEMA
 from gapray.prompts import Prompt
 from gapray.verdict import to_verdict

@@ -14,11 +14,12 @@ import torch
 from gapray.cli import main
 from gapray.config import MeasureConfig, load_config
 from gapray.data.ledger import VerdictLedger
-from gapray.data.pipeline import run_round
+from gapray.backends.ray import run_round
 from gapray.data.schemas import LEDGER_SCHEMA
 from gapray.selfjudge import sample_and_score, summarize
 from gapray.models import SamplingParams
 from gapray.prompts import load_prompts
+from gapray.serve.judge import judge_spec
 from gapray.serve.server import deploy, free_port, replica_actor_names
 from gapray.verdict import to_verdict
 
@@ -65,7 +66,7 @@ def app(ray_cluster, tiny_dir, local):
     from ray import serve
 
     cfg = make_cfg(tiny_dir, local[1])
-    deploy(cfg.model, cfg.serve, route_prefix=None)
+    deploy(cfg.model, cfg.serve, route_prefix=None, judge=judge_spec(cfg))
     yield cfg
     serve.delete(APP)
 
@@ -163,7 +164,7 @@ def test_killed_replica_is_replaced_and_the_round_is_exact(app, local, prompts, 
 def test_replicas_reencode_in_slices_in_order(app, local, tiny):
     """serve_reencode: 10 images in requests of 3 (the last one short) come back in order, equal to the
     model's own re-encoding, i.e. what the local backend writes into training rows."""
-    from gapray.data.pipeline import serve_reencode
+    from gapray.backends.ray import serve_reencode
 
     tokens = [r["image_tokens"] for r in local[0][:10]]
     got = serve_reencode(APP, max_rows=3, retries=0)(tokens)
@@ -194,8 +195,8 @@ def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny, tiny_dir, l
 
 
 def test_measure_backend_ray_with_a_vlm_judge_equals_backend_local(ray_cluster, tiny_dir, tmp_path):
-    """judge.kind=vlm on the Ray path: the pipeline's score actors hold the judge (loaded by path) and judge the
-    pixels the replicas send back; the rows' judge columns are the local backend's."""
+    """judge.kind=vlm on the Ray path: a JudgeServer app holds the judge (loaded by path) and judges the pixels the
+    policy replicas decode, inside their self_judge call; the rows' judge columns are the local backend's."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from gapray.cli import main as gapray
 from gapray.config import CONF_DIR, SelfImproveConfig, load_config
-from gapray.curriculum import LocalBackend, RunState, plan_phases
+from gapray.backends.local import LocalBackend
+from gapray.curriculum import RunState, plan_phases
 from gapray.data.integrity import MANIFEST, verify_run_dir
 from gapray.data.ledger import VerdictLedger
 from gapray.data.preference import build_preference_data

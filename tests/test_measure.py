@@ -13,7 +13,7 @@ from PIL import Image
 
 from gapray.cli import format_summary, main
 from gapray.data.schemas import VERDICT_SCHEMA
-from gapray.selfjudge import image_seed
+from gapray.models.sampler import image_seed
 from gapray.models import SamplingParams
 from gapray.prompts import load_prompts
 

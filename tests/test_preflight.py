@@ -77,18 +77,40 @@ def test_a_cluster_is_judged_by_its_nodes_and_its_autoscalers_node_types():
 
 
 def test_replicas_and_train_workers_hold_their_gpus_at_once_unless_serve_is_released():
-    kept = cfg("experiment=janus-pro-1b", "serve.release_for_training=never")  # 1 replica x 1 GPU + 4 workers x 1
-    msg = refused(preflight.check_resources, kept, CPU_ONLY, machine(4))
-    assert "holds 5 GPUs at once" in msg and "has at most 4" in msg and "serve.release_for_training=always" in msg
-    preflight.check_resources(kept, CPU_ONLY, machine(5))
+    # 1 replica x 1 GPU + the VLM judge's JudgeServer replica x 1 GPU + 4 workers x 1
+    kept = cfg("experiment=janus-pro-1b", "serve.release_for_training=never")
+    msg = refused(preflight.check_resources, kept, CPU_ONLY, machine(5))
+    assert "holds 6 GPUs at once" in msg and "has at most 5" in msg and "serve.release_for_training=always" in msg
+    preflight.check_resources(kept, CPU_ONLY, machine(6))
     preflight.check_resources(cfg("experiment=janus-pro-1b", "serve.release_for_training=never",
                                   "serve.autoscaling_config.min_replicas=0"),
-                              CPU_ONLY, machine(4))  # replicas may scale to zero while training runs
+                              CPU_ONLY, machine(5))  # policy replicas may scale to zero while training runs
     # the default (auto): the driver deletes the GPU replicas before training, so the larger side must fit
     released = cfg("experiment=janus-pro-1b")
     preflight.check_resources(released, CPU_ONLY, machine(4))
     msg = refused(preflight.check_resources, released, CPU_ONLY, machine(3))
     assert "holds 4 GPUs at once" in msg and "the larger of Serve and training" in msg
+
+
+def test_a_vlm_judges_jobserver_replicas_hold_gpus_beside_the_policy_replicas():
+    """judge.kind=vlm on the Ray path: its JudgeServer app's replicas (judge.num_replicas x judge.num_gpus) are
+    counted with Serve's, and released with them for training."""
+    from gapray.config import MeasureConfig
+
+    def measure(*overrides):
+        return load_config(MeasureConfig, CONF_DIR / "measure.yaml", ["model=tiny", "backend=ray", "serve.num_gpus=1",
+                                                                      "judge.model=Qwen/Qwen2.5-VL-7B-Instruct",
+                                                                      *overrides])
+
+    msg = refused(preflight.check_resources, measure("judge.num_replicas=2", "judge.num_gpus=0.5"), CPU_ONLY, machine(1))
+    assert "holds 2 GPUs at once" in msg and "2 x 0.5 for judge" in msg and "judge.num_replicas" in msg
+    preflight.check_resources(measure("judge.num_replicas=2", "judge.num_gpus=0.5"), CPU_ONLY, machine(2))
+    # with training: Serve and the judge give their GPUs to the trainer, so serving (1 + 2) vs training (4) counts
+    kept = cfg("experiment=janus-pro-7b", "train.scaling.num_workers=2", "judge.num_replicas=2")
+    preflight.check_resources(kept, CPU_ONLY, machine(3))
+    assert "holds 4 GPUs at once" in refused(preflight.check_resources,
+                                             cfg("experiment=janus-pro-7b", "train.scaling.num_workers=2",
+                                                 "judge.num_replicas=3"), CPU_ONLY, machine(3))
 
 
 def test_a_measure_on_gpu_replicas_has_no_trainer_to_release_serve_for():
@@ -280,7 +302,7 @@ def test_janus_on_a_machine_without_gpus_is_refused_before_ray_starts(tmp_path, 
     resource request {'GPU': 1.0, 'CPU': 2.0}'."""
     import torch
 
-    import gapray.data.pipeline
+    import gapray.backends.ray
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without GPUs, wherever this runs
 
@@ -288,7 +310,7 @@ def test_janus_on_a_machine_without_gpus_is_refused_before_ray_starts(tmp_path, 
         raise AssertionError("a Ray head was started")
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(gapray.data.pipeline, "init_ray", no_ray)
+    monkeypatch.setattr(gapray.backends.ray, "init_ray", no_ray)
     run_dir = tmp_path / "run"
     assert self_improve(["experiment=janus-pro-1b", f"run_dir={run_dir}"]) == 2
     line = one_line(capsys)
@@ -334,3 +356,22 @@ def test_measure_refuses_a_gpu_it_does_not_have_and_an_unwritable_run_dir(tmp_pa
     f.write_text("keep")
     assert main(["measure", "model=tiny", f"prompts={sample}", "images_per_prompt=1", f"run_dir={f / 'm'}"]) == 2
     assert "is a file" in one_line(capsys)
+
+
+def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(tmp_path, monkeypatch):
+    """Before: a run found a full disk when it wrote a checkpoint, after sampling and part of training."""
+    import shutil
+    from collections import namedtuple
+
+    from gapray.plan import model_arch, run_dir_bytes
+
+    run = cfg(f"run_dir={tmp_path / 'new' / 'run'}", "mode=c-dpo", "rounds=2", "train.backend=ray")
+    need, how = run_dir_bytes(run, model_arch(run.model.path))
+    assert "4 training parts" in how and need > 0  # c- modes train twice a round
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(need * 10, need * 9, need * 0.9))
+    msg = refused(preflight.check_space, run)
+    assert msg.startswith(f"run_dir '{tmp_path / 'new' / 'run'}': the run writes up to") and "GiB free" in msg
+    assert "train.checkpoint.num_to_keep" in msg
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(need * 10, need * 8, need * 1.1))
+    preflight.check_space(run)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from gapray.config import ModelConfig, ServeConfig
 from gapray.errors import UserError
-from gapray.selfjudge import image_seed
+from gapray.models.sampler import image_seed
 from gapray.models import JanusModel, SamplingParams
 from gapray.serve.server import (SampleRequest, app_builder, deploy, free_port, http_url, reload,
                                  replica_actor_names, split_seeds)
@@ -32,8 +32,9 @@ PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of
 def app(ray_cluster, tiny_dir):
     from ray import serve
 
+    # log_level INFO (the default is WARNING): the access-log test below reads the replicas' own INFO lines
     cfg = ServeConfig(app_name=APP, route_prefix=PREFIX, http_port=free_port(), max_batch_size=16,
-                      batch_wait_timeout_s=0.1, num_cpus=1)
+                      batch_wait_timeout_s=0.1, num_cpus=1, log_level="INFO")
     model = ModelConfig(path=tiny_dir, device="cpu")
     handle = deploy(model, cfg)
     yield handle, model, cfg
@@ -175,3 +176,12 @@ def test_replicas_write_no_access_log_line_per_request(app, tiny):
     text = "\n".join(p.read_text() for p in replica_logs)
     assert text.strip()  # the replica logs (start-up, batches) are there
     assert not re.search(r"\bCALL \w+ OK [0-9.]+ms", text), re.search(r".*\bCALL \w+ OK .*", text).group(0)
+
+
+def test_serve_is_quiet_by_default():
+    """No access log and nothing below WARNING from Serve's replicas unless asked (make run printed ~1,500 lines)."""
+    from gapray.serve.server import deployment_options
+
+    assert deployment_options(ServeConfig())["logging_config"] == {"enable_access_log": False, "log_level": "WARNING"}
+    assert deployment_options(ServeConfig(access_log=True, log_level="INFO"))["logging_config"] == \
+        {"enable_access_log": True, "log_level": "INFO"}

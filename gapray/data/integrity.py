@@ -13,7 +13,7 @@ Checkpoints and the rest: a safetensors file's header parses and the file holds 
 torch file (.pt, .bin: a zip archive) has its central directory, at the end, which truncation loses; JSON,
 JSONL and YAML files parse. Cheap checks of what a cut-short write or a foreign file breaks; no checksums.
 
-A run directory (the layout of gapray/curriculum.py): every file belongs to the phase that writes it, and the
+A run directory (its layout: gapray/rundir.py): every file belongs to the phase that writes it, and the
 fix a problem names depends on whether state.json lists that phase as complete. A phase not yet complete
 writes the file again when the run is submitted again (a ledger part: the same rows, drawn with the same
 seeds); a complete one does not. A manifest entry whose file is gone is a problem only in a complete phase.
@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 
 from gapray.data.schemas import DISCARD_SCHEMA, DPO_SCHEMA, EARLIER_SCHEMAS, LEDGER_SCHEMA, SFT_SCHEMA, VERDICT_SCHEMA
 from gapray.errors import UserError
+from gapray.rundir import LEDGER_PHASES, phase_of
 
 MANIFEST = "_manifest"
 SCHEMAS = {"sft.parquet": ("SFT_SCHEMA", SFT_SCHEMA), "dpo.parquet": ("DPO_SCHEMA", DPO_SCHEMA),
@@ -205,33 +205,13 @@ class Problem:
 def interrupted_checkpoint(rel: Path, completed: set[str] | None) -> bool:
     """A file of a Ray Train checkpoint of a training phase not yet complete: a run killed while the checkpoint
     was being written leaves it partial, and Ray Train resumes from the last checkpoint it registered."""
-    phase = owner(rel)
+    phase = phase_of(rel)
     return (phase is not None and phase.startswith("train/") and phase not in (completed or set())
             and len(rel.parts) > 4 and rel.parts[3] == "checkpoints" and rel.parts[4].startswith("checkpoint_"))
 
 
-LEDGERS = {"ledger": "sample", "replay": "replay", "eval": "measure", "composition": "measure"}
-
-
-def owner(rel: Path) -> str | None:
-    """The phase of gapray/curriculum.py that writes a file of the run directory (None: no phase)."""
-    parts = rel.parts
-    r = next((p.split("=", 1)[1] for p in parts if re.fullmatch(r"round=\d+", p)), None)
-    if parts[0] == "summary.json":
-        return "report"
-    if r is None:
-        return None
-    if parts[0] in LEDGERS:
-        return f"{LEDGERS[parts[0]]}/{r}"
-    if parts[0] == "data":
-        return f"replay/{r}" if {"replay", "with_replay"} & set(parts[2:-1]) else f"sample/{r}"
-    if parts[0] == "checkpoints" and len(parts) > 3 and parts[2] in ("a", "b"):
-        return f"train/{r}/{parts[2]}"
-    return None
-
-
 def fix_for(run_dir: Path, rel: Path, completed: set[str] | None) -> str:
-    path, phase = run_dir / rel, owner(rel)
+    path, phase = run_dir / rel, phase_of(rel)
     aside = f"move it aside (mv {path} {path}.damaged)"
     if phase is None or completed is None:
         return "restore it from a copy, or start the run again in a new run_dir"
@@ -243,7 +223,7 @@ def fix_for(run_dir: Path, rel: Path, completed: set[str] | None) -> str:
     if phase.startswith("train/"):
         d = run_dir.joinpath(*rel.parts[:3])
         return f"move {d} aside (mv {d} {d}.damaged) and submit again: {phase}, not yet complete, trains from its start"
-    if rel.parts[0] in LEDGERS:
+    if rel.parts[0] in LEDGER_PHASES:
         return f"{aside} and submit again: {phase}, not yet complete, draws its rows again with the same seeds"
     return f"{aside} and submit again: {phase}, not yet complete, writes it again"
 
@@ -259,7 +239,7 @@ def verify_run_dir(run_dir: str | Path) -> tuple[list[Problem], Counter]:
             continue
         if path.parent.name == MANIFEST:  # an entry whose file is gone: moved aside, or lost
             target = path.parent.parent / path.name.removesuffix(".json")
-            if not target.exists() and completed and owner(rel) in completed:
+            if not target.exists() and completed and phase_of(rel) in completed:
                 rel = target.relative_to(run_dir)
                 problems.append(Problem(target, "is missing (its manifest entry says it was written)",
                                         fix_for(run_dir, rel, completed)))

@@ -11,7 +11,7 @@ Unparsed answers (generate mode, verdict null) are neither accepted nor rejected
 
 Optionally the DPO rows carry reference log-probs (sum over image tokens of the conditional log-prob,
 `UnifiedModel.image_logprobs(..., sampling=None)`), computed in the same pass by a `reference` function
-(a local model, or the Serve replicas through gapray.data.pipeline.serve_reference), so the trainer needs
+(gapray.models.base.local_reference, or the Serve replicas through gapray.backends.ray.serve_reference), so the trainer needs
 no reference model. The reference is whatever policy that function runs: the serving policy of the round.
 
 Image tokens: as sampled, or (`reencode`) those of the decoded picture, VQ-encoded again. A sampled sequence
@@ -39,7 +39,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from gapray.data.integrity import publish
 from gapray.data.ledger import VerdictLedger
@@ -115,23 +114,6 @@ def corrupt_verdicts(table: pa.Table, mode: str, rate: float, seed: int, thresho
         field = table.schema.field(name)
         table = table.set_column(table.column_names.index(name), field, pa.array(values, field.type))
     return table
-
-
-@torch.inference_mode()
-def conditional_logprobs(model, prompts: list[str], tokens) -> list[float]:
-    """Sum over image tokens of log p(token | prompt, earlier tokens): the DPO reference log-prob."""
-    t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-    return model.image_logprobs(prompts, t, sampling=None).sum(-1).tolist()
-
-
-def local_reference(model, batch_size: int = 8) -> Reference:
-    """Reference log-probs from a model in this process, `batch_size` images per forward pass."""
-    def reference(prompts: list[str], tokens: list[list[int]]) -> list[float]:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            out += conditional_logprobs(model, prompts[i:i + batch_size], tokens[i:i + batch_size])
-        return out
-    return reference
 
 
 def build_preference_data(ledger: VerdictLedger, round: int, out_dir: str | Path, *, min_margin: float = 0.0,

@@ -54,7 +54,7 @@ DPO_SCHEMA = pa.schema([
     pa.field("ref_rejected_logp", pa.float32()),
 ])
 
-# --- the Ray verdict pipeline (gapray/data/pipeline.py) ------------------------------------------------
+# --- the Ray verdict pipeline (gapray/backends/ray.py) ------------------------------------------------
 
 # Pipeline input: one row per prompt, with the sample indices still to draw (all K on a fresh round; the
 # missing ones when a round resumes). `meta` is the GenEval metadata as JSON (null for plain-text prompts).
@@ -66,8 +66,9 @@ PROMPT_ROW_SCHEMA = pa.schema([
     pa.field("sample_idx", pa.list_(pa.int32()), nullable=False),
 ])
 
-# Between the sample and the score stage: one row per drawn image, not yet judged.
-SAMPLED_SCHEMA = pa.schema([
+# Rescore input: one row per image drawn earlier (a ledger row's keys, tokens and summed log-prob), to be judged
+# again by the serving policy.
+RESCORE_ROW_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
     pa.field("task", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
@@ -75,8 +76,7 @@ SAMPLED_SCHEMA = pa.schema([
     pa.field("sample_idx", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("image_tokens", pa.list_(pa.int32()), nullable=False),
-    pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),  # per token, sampling distribution
-    pa.field("policy_version", pa.int64(), nullable=False),  # the weights that drew the image
+    pa.field("logprob", pa.float32(), nullable=False),  # summed over tokens, as the ledger keeps it
 ])
 
 # The verdict ledger (ledger/round=R/part-*.parquet): every verdict row of a round, keyed by

@@ -58,3 +58,21 @@ class UnifiedModel(ABC):
                        sampling: SamplingParams | None = None) -> torch.Tensor:
         """(B, T) teacher-forced log-probs of image tokens: conditional if sampling is None, else under
         the exact distribution `sample` draws from. Differentiable when grad is enabled."""
+
+
+@torch.inference_mode()
+def conditional_logprobs(model: UnifiedModel, prompts: list[str], tokens) -> list[float]:
+    """Sum over image tokens of log p(token | prompt, earlier tokens): the DPO reference log-prob."""
+    t = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    return model.image_logprobs(prompts, t, sampling=None).sum(-1).tolist()
+
+
+def local_reference(model: UnifiedModel, batch_size: int = 8):
+    """(prompts, image tokens) -> conditional_logprobs, from a model in this process, `batch_size` images per
+    forward pass: the DPO reference (gapray.data.preference.Reference) of backend=local."""
+    def reference(prompts: list[str], tokens: list[list[int]]) -> list[float]:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            out += conditional_logprobs(model, prompts[i:i + batch_size], tokens[i:i + batch_size])
+        return out
+    return reference

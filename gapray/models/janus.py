@@ -8,9 +8,12 @@ generate (generate mode).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from transformers import GenerationConfig, JanusForConditionalGeneration, JanusProcessor
+from transformers.utils import logging as hf_logging
 
 from gapray.models.base import SampleOutput, ScoreOutput, UnifiedModel
 from gapray.models.sampler import SamplingParams, cfg_decode, derive_seed, guided_logprobs, row_uniforms, \
@@ -78,6 +81,19 @@ def append_tokens(enc: dict, ids: tuple[int, ...]) -> dict:
     return enc
 
 
+@contextlib.contextmanager
+def quiet_progress():
+    """transformers' "Loading weights" / "Writing model shards" bars off for one call: a run loads and saves
+    models in every phase, and a bar per call would be most of its log."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class JanusModel(UnifiedModel):
     def __init__(self, model: JanusForConditionalGeneration, processor: JanusProcessor, compile: bool = False):
         self.model = model.eval()
@@ -98,13 +114,15 @@ class JanusModel(UnifiedModel):
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
                         local_files_only: bool = False, compile: bool = False) -> "JanusModel":
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
-                                                              local_files_only=local_files_only)
+        with quiet_progress():
+            model = JanusForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype],
+                                                                  local_files_only=local_files_only)
         processor = JanusProcessor.from_pretrained(path, local_files_only=local_files_only)
         return cls(model.to(resolve_device(device)), processor, compile=compile)
 
     def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path)
+        with quiet_progress():
+            self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
 
     @property

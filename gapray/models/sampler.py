@@ -78,6 +78,12 @@ def derive_seed(seed: int, *keys) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def image_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
+    """The seed of one image: a function of (run seed, prompt id, sample index) alone, so an image never depends
+    on batching, replicas or workers."""
+    return derive_seed(seed, prompt_id, sample_idx)
+
+
 def row_uniforms(seeds: list[int], n_tokens: int) -> torch.Tensor:
     """(rows, n_tokens) float64 uniforms in [0, 1), one independent stream per row."""
     out = torch.empty(len(seeds), n_tokens, dtype=torch.float64)

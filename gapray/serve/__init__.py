@@ -1,7 +1,3 @@
-"""Ray Serve hosting of a UnifiedModel: ModelServer replicas that sample and self-score (server.py)."""
-
-from gapray.serve.server import (DEPLOYMENT, ModelServer, app_builder, build_app, deploy, handle, reload,
-                                 replica_actor_names, start_serve)
-
-__all__ = ["DEPLOYMENT", "ModelServer", "app_builder", "build_app", "deploy", "handle", "reload",
-           "replica_actor_names", "start_serve"]
+"""Ray Serve hosting: ModelServer replicas that sample and self-judge (server.py), a VLM judge's JudgeServer app
+beside them (judge.py), and what both need (replica.py: Serve on loopback, quiet logs). Nothing is imported
+here: Ray Data's workers import replica.py alone, without the model stack server.py brings."""

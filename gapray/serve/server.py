@@ -3,11 +3,17 @@
 What it supports
   - `sample(prompt, seeds, sampling)`: one image per seed (our CFG sampler; an image depends on model,
     prompt and seed only, so dynamic batching never changes an image);
-  - `score(prompt, image_tokens, mode, return_images)`: decode the images and ask the verdict question;
+  - `score(prompt, image_tokens, mode)`: decode the images and ask the verdict question;
+  - `self_judge(prompt, sample_idx, seed, sampling, mode, threshold)`: one trip per image for the Ray pipeline
+    (gapray/backends/ray.py): sample, decode, self-judge and external judge (built in the replica from the
+    judge spec it was deployed with: the oracle runs here, a VLM in its JudgeServer app, gapray/serve/judge.py),
+    answered as ledger-ready verdict rows (gapray.selfjudge.sample_and_score_images); pixels never leave;
+  - `rescore(prompt, sample_idx, seeds, image_tokens, logprobs, mode, threshold)`: images drawn earlier judged
+    again by the serving policy (gapray.selfjudge.judge_samples), as verdict rows;
   - `logprobs(prompts, image_tokens)`: conditional log-prob sums (reference log-probs for DPO);
   - `decode(image_tokens)` (pixels, for report grids) and `reencode(image_tokens)` (the decoded pictures'
     VQ tokens, for training data): so the driver needs no model of its own;
-  - `@serve.batch` on sample and score, with the batch size counted in model rows (a guided image is two
+  - `@serve.batch` on every model call, with the batch size counted in model rows (a guided image is two
     rows: cond + uncond), so `max_batch_size` bounds memory whatever the request sizes;
   - weight reload in place through `reconfigure(user_config={"checkpoint": dir, "policy_version": v})`:
     Serve calls it on the live replicas without restarting them, and a replica that starts later (one
@@ -15,7 +21,8 @@ What it supports
     policy; every answer carries the policy_version of the weights that produced it;
   - HTTP routes (FastAPI ingress) under the route prefix: POST /sample, POST /score, GET /version.
 
-The work itself is plain functions (`sample_requests`, `score_requests`, `swap_weights`) that run without
+The work itself is plain functions (`sample_requests`, `score_requests`, `self_judge_requests`,
+`rescore_requests`; `swap_weights` in gapray/models/loading.py) that run without
 Ray; the deployment only adds batching, a lock (a batch never sees a half-swapped model) and metrics.
 
 Standalone, on a machine where Ray must stay on loopback (conf/serve.yaml binds HTTP to 127.0.0.1):
@@ -41,20 +48,27 @@ import io
 import json
 import os
 import socket
+import time
 
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from pydantic import BaseModel, Field
 from ray import serve
 
 from gapray.config import ModelConfig, ServeAppConfig, load_config, load_model
-from gapray.data.preference import conditional_logprobs
-from gapray.models import SamplingParams, UnifiedModel
+from gapray.models import SampleOutput, SamplingParams, UnifiedModel
+from gapray.models.base import conditional_logprobs
+from gapray.models.loading import swap_weights
+from gapray.models.sampler import image_seed
+from gapray.prompts import Prompt
+from gapray.selfjudge import judge_samples, sample_and_score_images
+from gapray.serve.judge import replica_judge
+from gapray.serve.replica import (DEPLOYMENT, deployment_logging, keep_replica_grpc_on_loopback, plain_config,
+                                  start_serve)
 from gapray.verdict import to_verdict
 
-DEPLOYMENT = "ModelServer"
 
 
 # ---- the work, without Ray ----------------------------------------------------------------------------
@@ -74,11 +88,41 @@ class ScoreRequest:
     prompt: str
     tokens: np.ndarray  # (n, T) image token ids, all judged against `prompt`
     mode: str = "logits"
-    return_images: bool = False  # send the decoded pixels back (for the external judge, gapray/judges/)
 
     @property
     def rows(self) -> int:
         return len(self.tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfJudgeRequest:
+    """Draw and judge images sample_idx of one prompt (image j's seed: image_seed(seed, prompt_id, j))."""
+    prompt: Prompt
+    sample_idx: tuple[int, ...]
+    seed: int
+    sampling: SamplingParams
+    mode: str = "logits"
+    threshold: float = 0.5
+
+    @property
+    def rows(self) -> int:
+        return len(self.sample_idx) * rows_per_image(self.sampling)
+
+
+@dataclasses.dataclass(frozen=True)
+class RescoreRequest:
+    """Judge again images of one prompt drawn earlier (a ledger's rows: their tokens, seeds, summed log-probs)."""
+    prompt: Prompt
+    sample_idx: tuple[int, ...]
+    seeds: tuple[int, ...]
+    tokens: np.ndarray  # (n, T)
+    logprobs: np.ndarray  # (n,) each image's summed log-prob, kept in the row as it was
+    mode: str = "logits"
+    threshold: float = 0.5
+
+    @property
+    def rows(self) -> int:
+        return len(self.sample_idx)
 
 
 def rows_per_image(sampling: SamplingParams) -> int:
@@ -86,9 +130,14 @@ def rows_per_image(sampling: SamplingParams) -> int:
     return 2 if sampling.guided else 1
 
 
+def images_per_request(sampling: SamplingParams, max_rows: int) -> int:
+    """The most images one request may hold: all of its rows fit in one batch of `max_rows` model rows."""
+    return max(1, max_rows // rows_per_image(sampling))
+
+
 def split_seeds(seeds: list[int], sampling: SamplingParams, max_rows: int) -> list[list[int]]:
     """Cut one prompt's seeds into requests that each fit in a batch of `max_rows` model rows."""
-    per = max(1, max_rows // rows_per_image(sampling))
+    per = images_per_request(sampling, max_rows)
     return [list(seeds[i:i + per]) for i in range(0, len(seeds), per)]
 
 
@@ -136,30 +185,51 @@ def score_requests(model: UnifiedModel, requests: list[ScoreRequest]) -> list[di
         for i in idx:
             n = requests[i].rows
             answers[i] = {"p_aligned": judged.p_aligned[start:start + n].tolist(),
-                          "answers": list(judged.answers[start:start + n]),
-                          "images": images[start:start + n] if requests[i].return_images else None}
+                          "answers": list(judged.answers[start:start + n])}
             start += n
     return answers
 
 
-def swap_weights(model: UnifiedModel, model_cfg: dict, checkpoint: str | None) -> None:
-    """Copy a checkpoint's weights into the live model, tensor by tensor, in place.
+def _split(rows: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(rows[start:start + n])
+        start += n
+    return out
 
-    `checkpoint` is a save_pretrained directory; None means the weights `model_cfg` names (a reload back to
-    the base policy). The module objects stay, and so does the device memory they hold: the new weights
-    are loaded on the CPU, never a second copy on the device. Strict loading refuses another architecture.
-    """
-    fresh = load_model(OmegaConf.structured(ModelConfig(**{**model_cfg, "path": checkpoint or model_cfg["path"],
-                                                           "device": "cpu"})))
-    new, live = fresh.model.state_dict(), model.model.state_dict()
-    # check everything before copying anything: a refused checkpoint leaves the served weights intact
-    bad = sorted({k for k in live if k not in new or new[k].shape != live[k].shape} | (set(new) - set(live)))
-    if bad:
-        raise ValueError(f"checkpoint '{checkpoint}' does not fit the served model ({len(bad)} tensors differ, "
-                         f"e.g. {bad[0]})")
-    with torch.no_grad():
-        model.model.load_state_dict(new, strict=True)
-    del fresh, new
+
+def self_judge_requests(model: UnifiedModel, judge, requests: list[SelfJudgeRequest]) -> list[list[dict]]:
+    """Verdict rows (VERDICT_SCHEMA) for each request: the self-judging core, one call per (sampling, mode,
+    threshold, seed), with `judge` the replica's external judge (or None)."""
+    answers: list[list[dict] | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[(r.sampling, r.mode, r.threshold, r.seed)].append(i)
+    for (sampling, mode, threshold, seed), idx in groups.items():
+        rows = sample_and_score_images(model, [(requests[i].prompt, list(requests[i].sample_idx)) for i in idx],
+                                       sampling, seed, mode, threshold, judge)
+        for i, part in zip(idx, _split(rows, [len(requests[i].sample_idx) for i in idx])):
+            answers[i] = part
+    return answers
+
+
+def rescore_requests(model: UnifiedModel, requests: list[RescoreRequest]) -> list[list[dict]]:
+    """The serving policy's verdict rows for images drawn earlier; no external judge (the original rows have its
+    verdicts)."""
+    answers: list[list[dict] | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+        groups[(r.mode, r.threshold)].append(i)
+    for (mode, threshold), idx in groups.items():
+        flat = [requests[i].prompt for i in idx for _ in requests[i].sample_idx]
+        out = SampleOutput(tokens=torch.as_tensor(np.concatenate([requests[i].tokens for i in idx]), dtype=torch.long),
+                           logprobs=torch.as_tensor(np.concatenate([requests[i].logprobs for i in idx]),
+                                                    dtype=torch.float32)[:, None],  # the sum, as one "token"
+                           seeds=[s for i in idx for s in requests[i].seeds])
+        rows = judge_samples(model, flat, [j for i in idx for j in requests[i].sample_idx], out, mode, threshold)
+        for i, part in zip(idx, _split(rows, [requests[i].rows for i in idx])):
+            answers[i] = part
+    return answers
 
 
 def to_png_base64(image: np.ndarray) -> str:
@@ -171,32 +241,10 @@ def to_png_base64(image: np.ndarray) -> str:
 
 
 # ---- the deployment -----------------------------------------------------------------------------------
-def keep_replica_grpc_on_loopback() -> None:
-    """On a loopback-only node, bind this replica's inter-deployment gRPC server to 127.0.0.1.
-
-    Ray Serve 2.60 binds it to [::]:0, all interfaces, whatever the node's IP; gapray's rule is that Ray
-    listens on 127.0.0.1 only where the node is 127.0.0.1 (DESIGN.md). Peers reach a replica at its node
-    IP, so on such a node binding loopback changes nothing else. Runs in the replica's constructor, which
-    Serve calls before it starts that server; a Ray without this hook is left alone.
-    """
-    import ray
-    import ray.serve._private.replica as replica_impl
-
-    bind = getattr(replica_impl, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "loopback_only", False) or ray.util.get_node_ip_address() != "127.0.0.1":
-        return
-
-    def bind_loopback(server, address: str):
-        return bind(server, address.replace("[::]", "127.0.0.1", 1))
-
-    bind_loopback.loopback_only = True
-    replica_impl.add_port_to_grpc_server = bind_loopback
-
-
 class SampleBody(BaseModel):
     prompt: str
     n: int = Field(1, ge=1, le=256)
-    seed: int = 0  # image j gets gapray.selfjudge.image_seed(seed, prompt_id, j), as in `gapray measure`
+    seed: int = 0  # image j gets gapray.models.sampler.image_seed(seed, prompt_id, j), as in `gapray measure`
     prompt_id: str | None = None  # defaults to the prompt text
     guidance_scale: float = Field(5.0, gt=1.0)
     temperature: float = Field(1.0, ge=0.0)
@@ -218,20 +266,22 @@ http_app = FastAPI(title="gapray ModelServer")
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(http_app)
 class ModelServer:
-    def __init__(self, model: dict, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, model: dict, max_batch_size: int, batch_wait_timeout_s: float, judge: dict | None = None):
         from ray.util import metrics
 
         keep_replica_grpc_on_loopback()
         self.model_cfg = model
         self.model = load_model(OmegaConf.structured(ModelConfig(**model)))
+        self.judge = replica_judge(judge)  # the external judge of self_judge (None: none)
         self.checkpoint: str | None = None  # None: the weights `model` names
         self.policy_version = 0
         self.max_batch_size = max_batch_size
         self._lock = asyncio.Lock()  # one model call at a time; reconfigure waits for the running batch
-        for handler in (self._sample_batch, self._score_batch):
+        for handler in (self._sample_batch, self._score_batch, self._self_judge_batch, self._rescore_batch):
             handler.set_max_batch_size(max_batch_size)
             handler.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batches = {"sample": collections.deque(maxlen=4096), "score": collections.deque(maxlen=4096)}
+        self.batches = {m: collections.deque(maxlen=4096) for m in ("sample", "score", "self_judge", "rescore")}
+        self.model_seconds = dict.fromkeys(self.batches, 0.0)  # time in the model per method (benchmarks)
         self.m_images = metrics.Counter("gapray_images_sampled", "images drawn by ModelServer")
         self.m_scored = metrics.Counter("gapray_images_scored", "images judged by ModelServer")
         self.m_rows = metrics.Histogram("gapray_batch_rows", "model rows per batch",
@@ -255,9 +305,23 @@ class ModelServer:
         return await self._sample_batch(SampleRequest(prompt, tuple(int(s) for s in seeds),
                                                       SamplingParams(**(sampling or {}))))
 
-    async def score(self, prompt: str, image_tokens, mode: str = "logits", return_images: bool = False) -> dict:
+    async def score(self, prompt: str, image_tokens, mode: str = "logits") -> dict:
         tokens = np.atleast_2d(np.asarray(image_tokens, dtype=np.int64))
-        return await self._score_batch(ScoreRequest(prompt, tokens, mode, return_images))
+        return await self._score_batch(ScoreRequest(prompt, tokens, mode))
+
+    async def self_judge(self, prompt: dict, sample_idx: list[int], seed: int, sampling: dict | None = None,
+                         mode: str = "logits", threshold: float = 0.5) -> dict:
+        """{"rows": verdict rows of images sample_idx, "policy_version"}: drawn and judged by the same weights."""
+        return await self._self_judge_batch(SelfJudgeRequest(
+            Prompt(**prompt), tuple(int(j) for j in sample_idx), int(seed), SamplingParams(**(sampling or {})),
+            mode, float(threshold)))
+
+    async def rescore(self, prompt: dict, sample_idx: list[int], seeds: list[int], image_tokens, logprobs,
+                      mode: str = "logits", threshold: float = 0.5) -> dict:
+        return await self._rescore_batch(RescoreRequest(
+            Prompt(**prompt), tuple(int(j) for j in sample_idx), tuple(int(x) for x in seeds),
+            np.atleast_2d(np.asarray(image_tokens, dtype=np.int64)), np.asarray(logprobs, dtype=np.float32),
+            mode, float(threshold)))
 
     async def logprobs(self, prompts: list[str], image_tokens) -> dict:
         async with self._lock:
@@ -267,21 +331,22 @@ class ModelServer:
 
     async def decode(self, image_tokens) -> dict:
         """Pixels of image tokens (uint8, channels last): report grids without a model in the caller."""
-        tokens = torch.as_tensor(np.atleast_2d(np.asarray(image_tokens, dtype=np.int64)))
+        tokens = torch.as_tensor(np.atleast_2d(np.array(image_tokens, dtype=np.int64)))
         async with self._lock:
             images = await asyncio.to_thread(self.model.decode, tokens)
         return {"images": images}
 
     async def reencode(self, image_tokens) -> dict:
         """The tokens of the pictures image tokens decode to (decode, then the VQ encoder): training data."""
-        tokens = torch.as_tensor(np.atleast_2d(np.asarray(image_tokens, dtype=np.int64)))
+        tokens = torch.as_tensor(np.atleast_2d(np.array(image_tokens, dtype=np.int64)))
         async with self._lock:
             out = await asyncio.to_thread(self.model.reencode, tokens)
         return {"image_tokens": out.numpy()}
 
     async def stats(self) -> dict:
-        """Batches formed so far, as (requests, model rows): what tests and benchmarks inspect."""
-        return {"sample": list(self.batches["sample"]), "score": list(self.batches["score"]),
+        """Batches formed so far per method, as (requests, model rows): what tests and benchmarks inspect."""
+        return {**{m: list(b) for m, b in self.batches.items()}, "model_seconds": dict(self.model_seconds),
+                "torch_threads": torch.get_num_threads(),
                 "policy_version": self.policy_version, "checkpoint": self.checkpoint, "pid": os.getpid(),
                 "max_batch_size": self.max_batch_size}
 
@@ -298,12 +363,28 @@ class ModelServer:
         self.m_scored.inc(batch_rows(requests))
         return [{**a, "policy_version": version} for a in answers]
 
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05, batch_size_fn=batch_rows)
+    async def _self_judge_batch(self, requests: list[SelfJudgeRequest]) -> list[dict]:
+        answers, version = await self._run("self_judge", lambda m, r: self_judge_requests(m, self.judge, r), requests)
+        n = sum(len(r.sample_idx) for r in requests)
+        self.m_images.inc(n)
+        self.m_scored.inc(n)
+        return [{"rows": a, "policy_version": version} for a in answers]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05, batch_size_fn=batch_rows)
+    async def _rescore_batch(self, requests: list[RescoreRequest]) -> list[dict]:
+        answers, version = await self._run("rescore", rescore_requests, requests)
+        self.m_scored.inc(batch_rows(requests))
+        return [{"rows": a, "policy_version": version} for a in answers]
+
     async def _run(self, method: str, fn, requests):
         # The model runs in a worker thread so that the replica's event loop keeps taking requests
         # (they form the next batch) and answering health checks during a long batch.
         async with self._lock:
             version = self.policy_version
+            t0 = time.perf_counter()
             answers = await asyncio.to_thread(fn, self.model, requests)
+            self.model_seconds[method] += time.perf_counter() - t0
         rows = batch_rows(requests)
         self.batches[method].append((len(requests), rows))
         self.m_rows.observe(rows, tags={"method": method})
@@ -312,8 +393,6 @@ class ModelServer:
     # -- HTTP routes --
     @http_app.post("/sample")
     async def http_sample(self, body: SampleBody) -> dict:
-        from gapray.selfjudge import image_seed
-
         sampling = SamplingParams(body.guidance_scale, body.temperature, body.top_k, body.top_p)
         seeds = [image_seed(body.seed, body.prompt_id or body.prompt, j) for j in range(body.n)]
         parts = await asyncio.gather(*[self.sample(body.prompt, chunk, dataclasses.asdict(sampling))
@@ -347,18 +426,12 @@ class ModelServer:
 
 
 # ---- building, deploying, reloading -------------------------------------------------------------------
-def _plain(cfg) -> dict:
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-
-
 def deployment_options(serve_cfg) -> dict:
     """ServeConfig -> Serve deployment options (replicas or autoscaling_config, resources, concurrency)."""
-    s = _plain(serve_cfg)
+    s = plain_config(serve_cfg)
     opts = {"ray_actor_options": {"num_cpus": s["num_cpus"], "num_gpus": s["num_gpus"]},
             "max_ongoing_requests": s["max_ongoing_requests"],
-            "logging_config": {"enable_access_log": bool(s.get("access_log", False))}}
+            "logging_config": deployment_logging(s)}
     if s.get("autoscaling_config"):
         opts["autoscaling_config"] = {k: v for k, v in s["autoscaling_config"].items() if v is not None}
     else:
@@ -366,12 +439,14 @@ def deployment_options(serve_cfg) -> dict:
     return opts
 
 
-def build_app(model, serve_cfg, checkpoint: str | None = None, policy_version: int = 0):
-    """The ModelServer application for `model` (a ModelConfig), configured by `serve_cfg` (a ServeConfig)."""
-    m, s = _plain(model), _plain(serve_cfg)
+def build_app(model, serve_cfg, checkpoint: str | None = None, policy_version: int = 0, judge: dict | None = None):
+    """The ModelServer application for `model` (a ModelConfig), configured by `serve_cfg` (a ServeConfig), its
+    self_judge calls judged by `judge` too (a spec for gapray.serve.judge.replica_judge; None: no external judge)."""
+    m, s = plain_config(model), plain_config(serve_cfg)
     if m.get("device", "auto") == "auto" and s["num_gpus"] == 0:
         m["device"] = "cpu"  # no GPU asked for: never grab one that happens to be visible
-    init = {"model": m, "max_batch_size": s["max_batch_size"], "batch_wait_timeout_s": s["batch_wait_timeout_s"]}
+    init = {"model": m, "max_batch_size": s["max_batch_size"], "batch_wait_timeout_s": s["batch_wait_timeout_s"],
+            "judge": judge}
     # Serve restarts replicas whenever the deployment's code version changes, and serve.run draws a random
     # one per call; pinning it to what the replicas are built from makes a redeploy that changes only
     # user_config (a new checkpoint) a call to reconfigure() on the live replicas. (Config-file deploys,
@@ -407,33 +482,29 @@ def _dotlist(tree: dict, prefix: str) -> list[str]:
     return out
 
 
-def start_serve(http_port: int = 8000) -> None:
-    """Start Serve (or attach to it) with its HTTP proxy on 127.0.0.1 only, on the head node only."""
-    serve.start(http_options={"host": "127.0.0.1", "port": int(http_port)}, proxy_location="HeadOnly")
-
-
 def deploy(model, serve_cfg, *, name: str | None = None, route_prefix: str | None | bool = True,
-           checkpoint: str | None = None, policy_version: int = 0):
+           checkpoint: str | None = None, policy_version: int = 0, judge: dict | None = None):
     """Deploy (or update) the ModelServer app and wait until it is running; returns its handle.
 
-    route_prefix=True takes serve_cfg.route_prefix; None serves handles only (no HTTP route).
+    route_prefix=True takes serve_cfg.route_prefix; None serves handles only (no HTTP route). `judge`: see
+    build_app (a VLM judge's JudgeServer app is deployed first, by gapray.serve.judge.deploy_judge).
     """
-    s = _plain(serve_cfg)
-    start_serve(s["http_port"])
-    app = build_app(model, s, checkpoint=checkpoint, policy_version=policy_version)
+    s = plain_config(serve_cfg)
+    start_serve(s["http_port"], s.get("log_level", "WARNING"))
+    app = build_app(model, s, checkpoint=checkpoint, policy_version=policy_version, judge=judge)
     prefix = s["route_prefix"] if route_prefix is True else route_prefix
     return serve.run(app, name=name or s["app_name"], route_prefix=prefix)
 
 
 def reload(model, serve_cfg, *, checkpoint: str | None, policy_version: int, name: str | None = None,
-           route_prefix: str | None | bool = True):
+           route_prefix: str | None | bool = True, judge: dict | None = None):
     """Serve a new policy on the live replicas (no restart); answers from then on carry policy_version.
 
     `model` and `serve_cfg` must be those the app was deployed with: only the user_config changes.
     checkpoint=None goes back to the weights `model` names.
     """
     return deploy(model, serve_cfg, name=name, route_prefix=route_prefix, checkpoint=checkpoint,
-                  policy_version=policy_version)
+                  policy_version=policy_version, judge=judge)
 
 
 def handle(app_name: str):

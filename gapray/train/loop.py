@@ -56,9 +56,6 @@ TRAINABLE = {
     "generation_aligner": lambda m: m.model.generation_aligner,
     "generation_embeddings": lambda m: m.model.generation_embeddings,
 }
-# Every Ray process must keep its listeners on loopback here (DESIGN.md): set for the job, and through its
-# runtime_env for every process it starts.
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclasses.dataclass
@@ -403,19 +400,14 @@ def run_local(cfg: DictConfig, plan: Plan, after_step=None) -> TrainResult:
 
 # ---- backend=ray -------------------------------------------------------------------------------------------
 def run_ray(cfg: DictConfig, plan: Plan, after_step, worker_env: dict[str, str]) -> TrainResult:
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)  # read when Ray starts its processes
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`): join that cluster. Otherwise start a private local one, on
-        # loopback, rather than joining whatever cluster another user started on this machine.
-        address = os.environ.get("RAY_ADDRESS")
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}
-        ray.init(address=address or "local", runtime_env={"env_vars": dict(RAY_ENV)}, **local)
+    if not ray.is_initialized():  # one policy for starting Ray (loopback only, sized to the run): the caller's
+        raise RuntimeError("train.backend=ray needs a running Ray: call gapray.backends.ray.init_ray(cfg) first "
+                           "(jobs/train.py and the curriculum driver do)")
     # Materialized once here: preference sets are small, and re-reading the file every epoch in every
     # worker starts read tasks each time (~15 s per epoch on a 2-core machine).
     dataset = ray.data.read_parquet(plan.path).select_columns(plan.columns)

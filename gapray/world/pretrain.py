@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from gapray.models import JanusModel, SamplingParams
 from gapray.models.builders import build_janus
 from gapray.models.janus import resolve_device, vq_nearest_codes
-from gapray.verdict import ANSWER_PREFIX
+from gapray.verdict import ANSWER_PREFIX, CAPTION_REQUEST
 from gapray.world.grammar import SPLITS, load_world_prompts
 from gapray.world.oracle import judge
 from gapray.world.render import render
@@ -52,8 +52,12 @@ def world_words() -> list[str]:
     return [r["prompt"] for split in SPLITS for r in load_world_prompts(split)]
 
 
-def build_world_model(seed: int = 0, device: str = "cpu") -> JanusModel:
-    model, processor = build_janus(world_words(), seed=seed, **WORLD_ARCH)
+def build_world_model(seed: int = 0, device: str = "cpu", **arch) -> JanusModel:
+    """A fresh world model: WORLD_ARCH, with any of its keys replaced by `arch` (e.g. a wider language model)."""
+    unknown = set(arch) - set(WORLD_ARCH)
+    if unknown:
+        raise ValueError(f"unknown world-model architecture keys {sorted(unknown)}; valid: {sorted(WORLD_ARCH)}")
+    model, processor = build_janus(world_words(), seed=seed, **{**WORLD_ARCH, **arch})
     return JanusModel(model.to(resolve_device(device)), processor)
 
 
@@ -65,14 +69,22 @@ def render_batch(rows: list[dict], rng: np.random.Generator) -> np.ndarray:
     return np.stack([render(r, IMAGE_SIZE, rng) for r in rows])
 
 
-def task_balanced(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
-    """n rows drawn with replacement, each task equally likely (then a row of that task uniformly): position
-    prompts are most of the train split, but GenEval's score weighs every task alike."""
+def task_balanced(rows: list[dict], n: int, rng: np.random.Generator, alpha: float = 0.0) -> list[dict]:
+    """n rows drawn with replacement: a task with probability proportional to (its number of rows) ** alpha,
+    then a row of that task uniformly. alpha = 0: every task equally likely (GenEval's score weighs every
+    task alike, and position prompts are most of the train split); alpha = 1: rows uniformly. In between,
+    the many-prompt tasks (position, color_attr: bindings to learn) get more of the draws, without the
+    two single_object prompts vanishing."""
     by_task: dict[str, list[dict]] = {}
     for r in rows:
         by_task.setdefault(r["tag"], []).append(r)
     groups = list(by_task.values())
-    return [groups[t][rng.integers(len(groups[t]))] for t in rng.integers(0, len(groups), n)]
+    if alpha == 0:
+        tasks = rng.integers(0, len(groups), n)
+    else:
+        w = np.array([len(g) for g in groups], dtype=float) ** alpha
+        tasks = rng.choice(len(groups), n, p=w / w.sum())
+    return [groups[t][rng.integers(len(groups[t]))] for t in tasks]
 
 
 # ---- stage 1: VQ tokenizer --------------------------------------------------------------------------
@@ -195,7 +207,7 @@ def judged_pool(model: JanusModel, rows: list[dict], rng: np.random.Generator, p
 def self_generated_pool(model: JanusModel, rows: list[dict], k: int, seed: int,
                         sampling: SamplingParams = SamplingParams()) -> Judged:
     """The model's own generations for train prompts, labelled by the oracle."""
-    from gapray.selfjudge import image_seed
+    from gapray.models.sampler import image_seed
 
     tokens = []
     for i in range(0, len(rows), 32):
@@ -228,9 +240,6 @@ def understanding_loss(model: JanusModel, pool: Judged, idx: np.ndarray, format_
     weights = torch.full((n,), format_weight, device=ce.device)
     weights[digit] = 1.0
     return (ce * weights).sum(1).mean()  # the digit's cross-entropy + format_weight x each format token's
-
-
-CAPTION_REQUEST = "Describe this image."
 
 
 def caption_loss(model: JanusModel, pool: Judged, idx: np.ndarray) -> torch.Tensor:
@@ -287,11 +296,12 @@ def dev_check(model: JanusModel, rows: list[dict], k: int = 4, seed: int = 99) -
 def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 32, und_batch: int = 16,
              lr: float = 1e-3, self_generated_at: tuple[float, ...] = (0.5, 0.75), self_generated_k: int = 2,
              dev_rows: list[dict] | None = None, seed: int = 0, log=print, on_dev_check=None,
-             pool_prompts: int = 2000, self_generated_prompts: int = 512, checks: int = 4) -> None:
+             pool_prompts: int = 2000, self_generated_prompts: int = 512, checks: int = 4,
+             task_alpha: float = 0.0) -> None:
     """Both objectives every step; the understanding pool grows with the model's own generations at the
     given fractions of training, so the judge sees what the generator actually draws. Prompts are drawn
     task-balanced (pool_prompts for the render pool, self_generated_prompts x self_generated_k own images
-    per refresh). `on_dev_check(step)` runs after each of the `checks` progress checks (the job saves the
+    per refresh; `task_alpha`: see task_balanced). `on_dev_check(step)` runs after each of the `checks` progress checks (the job saves the
     model there)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -300,21 +310,21 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    pool = judged_pool(model, task_balanced(rows, pool_prompts, rng), rng, per_prompt=1)
+    pool = judged_pool(model, task_balanced(rows, pool_prompts, rng, task_alpha), rng, per_prompt=1)
     log(f"understanding pool: {len(pool.labels)} examples, {pool.labels.mean():.2f} positive")
     grow_at = {int(f * steps) for f in self_generated_at}
     t0 = time.perf_counter()
     for step in range(steps):
         if step in grow_at:
             model.model.eval()
-            picked = list({r["prompt_id"]: r for r in task_balanced(rows, self_generated_prompts, rng)}.values())
+            picked = list({r["prompt_id"]: r for r in task_balanced(rows, self_generated_prompts, rng, task_alpha)}.values())
             own = self_generated_pool(model, picked, self_generated_k, seed=seed * 1000 + step)
             pool = pool + own
             log(f"step {step}: + {len(own.labels)} own generations ({own.labels.mean():.2f} accepted by the oracle); "
                 f"pool {len(pool.labels)}, {pool.labels[pool.own].sum()} accepted own generations")
         model.model.train()
         model.model.model.vqmodel.eval()
-        loss_g = generation_loss(model, task_balanced(rows, gen_batch, rng), rng)
+        loss_g = generation_loss(model, task_balanced(rows, gen_batch, rng, task_alpha), rng)
         loss_u = understanding_loss(model, pool, pool.batch(und_batch, rng))
         loss_c = caption_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
         opt.zero_grad()
