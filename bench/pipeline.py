@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from gapray.config import CONF_DIR, MeasureConfig, load_config, load_model  # noqa: E402
+from gapray.config import CONF_DIR, MeasureConfig, load_config  # noqa: E402
 from gapray.judges import build_judge  # noqa: E402
 from gapray.selfjudge import sample_and_score  # noqa: E402
 from gapray.models import SamplingParams  # noqa: E402
+from gapray.models.loading import load_model  # noqa: E402
 from gapray.prompts import load_prompts  # noqa: E402
 
 WORLD = Path(__file__).resolve().parent.parent / "gapray/world/data/train.jsonl"

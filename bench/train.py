@@ -45,7 +45,8 @@ def model_path(name: str, tmp: Path) -> tuple[str, int, int]:
         model, processor = build_janus_pro_1b_random()
         JanusModel(model, processor).save_pretrained(str(tmp / "model"))
         name = str(tmp / "model")
-    from gapray.config import ModelConfig, load_model
+    from gapray.config import ModelConfig
+    from gapray.models.loading import load_model
     from omegaconf import OmegaConf
 
     jm = load_model(OmegaConf.structured(ModelConfig(path=name, device="cpu")))

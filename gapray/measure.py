@@ -27,11 +27,12 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gapray.config import check_model, judge_kind, load_model
+from gapray.config import judge_kind
 from gapray.data.integrity import publish
 from gapray.data.schemas import to_table
 from gapray.errors import UserError
 from gapray.judges import build_judge
+from gapray.models.loading import check_model, load_model
 from gapray.models import SamplingParams, UnifiedModel
 from gapray.preflight import check_measure
 from gapray.prompts import Prompt, load_prompts

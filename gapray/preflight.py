@@ -41,7 +41,7 @@ import os
 import re
 from pathlib import Path
 
-from gapray.config import (BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, check_model, judge_kind, serve_released_for_training,
+from gapray.config import (BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, judge_kind, serve_released_for_training,
                            worker_gpus)
 from gapray.errors import UserError
 
@@ -315,6 +315,8 @@ def dtype_given(overrides=(), config_file: str | Path | None = None) -> bool:
 
 def check_hub(model, timeout_s: float = HUB_TIMEOUT_S, endpoint: str | None = None) -> None:
     """A hub id must be in the local cache, or answer within `timeout_s` (one HEAD of its config.json)."""
+    from gapray.models.loading import check_model
+
     check_model(model)  # the cheap path checks first (directory, config.json, hub id syntax)
     path = model.path
     if not is_hub_id(path):

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     from gapray.config import (CONF_DIR, PROBE_VARIANTS, ProbeConfig, SelfImproveConfig, TrainConfig, check_values,
-                               load_config, load_model)
+                               load_config)
+    from gapray.models.loading import load_model
     from gapray.data.schemas import SFT_SCHEMA
     from gapray.prompts import load_prompts
     from gapray.train import run_training

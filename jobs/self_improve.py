@@ -33,7 +33,8 @@ from gapray.errors import UserError  # noqa: E402
 def load(argv: list[str]):
     """The run's config, checked as far as possible before anything starts (prompt files, model path,
     an existing run_dir holding another run)."""
-    from gapray.config import CONF_DIR, SelfImproveConfig, check_model, load_config
+    from gapray.config import CONF_DIR, SelfImproveConfig, load_config
+    from gapray.models.loading import check_model
     from gapray.curriculum import RunState, check_resumable
     from gapray.data.integrity import check_run_dir_integrity
     from gapray.preflight import check_self_improve

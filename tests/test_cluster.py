@@ -509,9 +509,9 @@ def test_no_file_turns_auth_off_or_serves_http_publicly():
         for call in re.findall(r"serve\.start\([^)]*\)", text):
             assert '"host": "127.0.0.1"' in call, f"{p.relative_to(ROOT)}: {call}"
         assert not re.search(r"http_options[^\n]*0\.0\.0\.0", text), p
-    server = (ROOT / "gapray" / "serve" / "server.py").read_text()
-    assert re.search(r"serve\.start\(http_options=\{\"host\": \"127\.0\.0\.1\"", server)
-    assert "proxy_location=\"HeadOnly\"" in server
+    starts = (ROOT / "gapray" / "serve" / "replica.py").read_text()  # start_serve: every gapray app starts Serve so
+    assert re.search(r"serve\.start\(http_options=\{\"host\": \"127\.0\.0\.1\"", starts)
+    assert "proxy_location=\"HeadOnly\"" in starts
 
 
 def test_auth_check_catches_a_disabled_mode():

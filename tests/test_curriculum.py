@@ -188,7 +188,7 @@ def test_training_rows_carry_the_reencoded_pictures(local_run):
     import torch
     from omegaconf import OmegaConf
 
-    from gapray.config import load_model
+    from gapray.models.loading import load_model
     model = load_model(OmegaConf.create({"path": "tiny", "dtype": "float32", "device": "cpu"}))
     sampled = {(r["prompt_id"], r["sample_idx"]): r["image_tokens"]
                for r in VerdictLedger(local_run / "ledger").read(0).to_pylist()}

@@ -126,9 +126,24 @@ def wait(head, job_id: str, until=None, timeout: float = 900, scrape_after_s: fl
 
 @pytest.fixture(scope="module")
 def submitted(head, tmp_path_factory):
-    """`ray job submit` of self_improve, watched through the dashboard's job API and the metrics endpoint."""
+    """`ray job submit` of self_improve, watched through the dashboard's job API and the metrics endpoint; while it
+    runs, a second submission of the same run_dir (another job: another driver process)."""
+    import threading
+
     run_dir = tmp_path_factory.mktemp("submitted") / "run"
-    return {"run_dir": run_dir, **wait(head, submit(head, run_dir), scrape_after_s=SCRAPE_EVERY_S + 5)}
+    first, second = submit(head, run_dir), {}
+
+    def submit_again():
+        deadline = time.time() + 600
+        while not (run_dir / "state.json").exists() and time.time() < deadline:  # the first driver is running
+            time.sleep(0.5)
+        second.update(wait(head, submit(head, run_dir), timeout=600))
+
+    thread = threading.Thread(target=submit_again)
+    thread.start()
+    out = {"run_dir": run_dir, **wait(head, first, scrape_after_s=SCRAPE_EVERY_S + 5)}
+    thread.join(timeout=600)
+    return {**out, "second": second}
 
 
 SCRAPE_EVERY_S = 15  # Prometheus' interval in Ray's default setup
@@ -136,6 +151,16 @@ SCRAPE_EVERY_S = 15  # Prometheus' interval in Ray's default setup
 
 def metric_values(text: str, name: str) -> list[float]:
     return [float(m.group(1)) for m in re.finditer(rf"^{name}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
+
+
+def test_a_second_job_for_a_live_run_is_refused(submitted):
+    """The driver is a named actor in the `gapray` namespace: another job's driver for the same run_dir finds it and
+    refuses, in one line. Before: each job had its own anonymous namespace, so the check never saw another job's
+    driver, and two drivers would have run one run_dir."""
+    second = submitted["second"]
+    assert second["statuses"][-1] == "FAILED", second["logs"][-2000:]
+    assert "is being run by a live driver" in second["logs"], second["logs"][-2000:]
+    assert submitted["statuses"][-1] == "SUCCEEDED"  # the first run, untouched
 
 
 def test_job_submit_succeeds_and_reports_through_the_dashboard(submitted):
@@ -198,7 +223,7 @@ def test_serve_replicas_reencode_the_training_images(submitted):
     import torch
     from omegaconf import OmegaConf
 
-    from gapray.config import load_model
+    from gapray.models.loading import load_model
     from gapray.data.ledger import VerdictLedger
     run_dir = submitted["run_dir"]
     sampled = {(r["prompt_id"], r["sample_idx"]): r["image_tokens"]

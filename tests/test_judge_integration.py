@@ -93,7 +93,7 @@ def test_measure_figures_come_from_the_vlm_judge(tmp_path, random_judge_dir, jud
     assert 0 < sum(r["oracle_verdict"] for r in rows) < len(rows)  # the judge accepts some, rejects others
     assert 0 < sum(r["verdict"] for r in rows) < len(rows)  # and so does the policy
     # the verdicts are the judge's on the decoded images: asked again directly, it says the same
-    from gapray.config import load_model
+    from gapray.models.loading import load_model
     policy = load_model(OmegaConf.create({"path": "tiny", "dtype": "float32", "device": "cpu"}))
     images = policy.decode(torch.tensor([r["image_tokens"] for r in rows]))
     direct = VLMJudge.from_pretrained(random_judge_dir, dtype="float32", device="cpu", local_files_only=True)

@@ -28,7 +28,7 @@ def dpo_run(tmp_path_factory):
 
 
 def test_pairs_carry_the_starting_policys_reference_logprobs(dpo_run):
-    from gapray.config import load_model
+    from gapray.models.loading import load_model
     from gapray.models.base import conditional_logprobs
 
     pairs = pq.read_table(dpo_run / "data" / "round=0" / "dpo.parquet").to_pylist()

@@ -197,7 +197,8 @@ def test_consolidated_model_loads_in_measure_and_serve(zero_runs, tiny_dir, tmp_
     from omegaconf import OmegaConf
 
     from gapray.cli import main
-    from gapray.config import ModelConfig, load_model
+    from gapray.config import ModelConfig
+    from gapray.models.loading import load_model
     from gapray.models.loading import swap_weights
 
     model_dir = zero_runs[3][1].model_dir
@@ -217,14 +218,13 @@ def test_a_sealed_checkpoint_is_the_size_the_plan_says(zero_runs, tiny_dir):
     ZeRO stage: weights once, fp32 master + AdamW m, v of the trainable parameters (stage 0: m, v)."""
     from gapray.config import SelfImproveConfig
     from gapray.plan import checkpoint_bytes, model_arch
-    from gapray.train.checkpoint import is_complete
+    from gapray.train.checkpoint import newest_complete
 
     arch = model_arch(tiny_dir)
     for stage, (cfg, _, _) in zero_runs.items():
         run = load_config(SelfImproveConfig, CONF_DIR / "self_improve.yaml", [
             f"model={tiny_dir}", "train.backend=ray", f"train.deepspeed.zero_stage={stage}",
             f"train.scaling.num_workers={cfg.scaling.num_workers}", f"train.trainable={list(cfg.trainable)}"])
-        sealed = [d for d in (Path(cfg.run_dir) / "checkpoints").iterdir() if is_complete(d)]
-        assert sealed, stage
-        on_disk = sum(f.stat().st_size for f in sealed[-1].rglob("*") if f.is_file())
+        _, sealed = newest_complete(cfg.run_dir, cfg.scaling.num_workers)
+        on_disk = sum(f.stat().st_size for f in sealed.rglob("*") if f.is_file())
         assert 0.8 < checkpoint_bytes(run, arch) / on_disk < 1.25, (stage, checkpoint_bytes(run, arch), on_disk)

@@ -7,13 +7,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gapray.config import load_model
 from gapray.data.ledger import VerdictLedger
 from gapray.data.schemas import LEDGER_SCHEMA
 from gapray.judges import build_judge
 from gapray.models import SampleOutput, SamplingParams
 from gapray.models.base import local_reference
-from gapray.models.loading import swap_weights
+from gapray.models.loading import load_model, swap_weights
 from gapray.prompts import Prompt
 from gapray.selfjudge import judge_samples, sample_and_score_images
 

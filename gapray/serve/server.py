@@ -57,10 +57,10 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, Field
 from ray import serve
 
-from gapray.config import ModelConfig, ServeAppConfig, load_config, load_model
+from gapray.config import ModelConfig, ServeAppConfig, load_config
 from gapray.models import SampleOutput, SamplingParams, UnifiedModel
 from gapray.models.base import conditional_logprobs
-from gapray.models.loading import swap_weights
+from gapray.models.loading import load_model, swap_weights
 from gapray.models.sampler import image_seed
 from gapray.prompts import Prompt
 from gapray.selfjudge import judge_samples, sample_and_score_images

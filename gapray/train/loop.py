@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gapray.config import load_model, worker_gpus
+from gapray.config import worker_gpus
+from gapray.models.loading import load_model
 from gapray.errors import UserError
 from gapray.models.janus import image_token_logprobs, resolve_device
 from gapray.models.sampler import uncond_input_ids

@@ -184,7 +184,7 @@ def run_diagnostic(cfg, run_cfg, run_dir: Path) -> list[dict]:
     import torch
     from omegaconf import OmegaConf
 
-    from gapray.config import load_model
+    from gapray.models.loading import load_model
     from gapray.data.ledger import VerdictLedger
     from gapray.diagnostics import gradient_alignment
     from gapray.rundir import RunDir
