@@ -35,8 +35,8 @@ External judge: built once from config (gapray.judges.build_judge: judge.kind / 
 the sample, replay and measure phases draw (the ledger's oracle_verdict, judge_model, judge_p); rescoring the base
 images for the win rate asks only the policy again (the base images' external verdicts are already there).
 With backend=ray the policy replicas judge with it where the images are (the oracle in the replica, a VLM in
-its JudgeServer app: gapray/serve/judge.py). C-DPO's replay pairs are rebuilt from the replayed prompts' own candidates
-(the paper does not say how).
+its JudgeServer app: gapray/serve/judge.py). C-DPO's replay pairs are rebuilt from the replayed prompts' own
+candidates (the paper does not say how).
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ from gapray.metrics import by_task, win_rate
 from gapray.models.sampler import derive_seed
 from gapray.prompts import Prompt, load_prompts
 from gapray.rundir import RunDir
-
 
 
 class GateStopped(RuntimeError):

@@ -4,17 +4,17 @@ or joins the Ray every entry point uses.
 The verdict pipeline: prompts -> one trip per image to Serve (sample, decode, self-verdict, external verdict)
 -> ledger -> preference data.
 
-    prompt rows ──► SelfJudgeStage ──────────────────────────► driver (run_round: counts only;
-    (PROMPT_ROW)    handle.self_judge, then                        measure_ray: the rows)
+    prompt rows ──► self_judge_block (Ray Data tasks) ──────► driver (run_round: counts only;
+    (PROMPT_ROW)    handle.self_judge, then                    measure_ray: the rows)
                     ledger part-*.parquet
 
-The stage is a small actor pool that keeps many requests in flight to the ModelServer replicas
-(gapray/serve/server.py), where `@serve.batch` packs them into model batches; the replica draws, decodes and
+The stage is up to data.concurrency Ray Data tasks (gapray/backends/ray_stage.py, light to import) that keep
+many requests in flight to the ModelServer replicas (gapray/serve/server.py), where `@serve.batch` packs them into model batches; the replica draws, decodes and
 judges each image (with the external judge it was deployed with, gapray/serve/judge.py) and answers verdict
 rows, so image tokens cross the network once and pixels never; the stage only stores them. Execution is
 streaming: a batch of prompts is judged and written while later ones are still being drawn, and the driver
 sees only counts (`run_round`), never the verdicts themselves. `rescore` (the win rate) is the same with
-images drawn earlier (RescoreStage, handle.rescore).
+images drawn earlier (rescore_block, handle.rescore).
 
 What it guarantees
   - the same rows as `gapray measure backend=local`: per-image seeds (gapray.models.sampler.image_seed) make
@@ -82,7 +82,7 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
     dataset yields only COUNTED.
     """
     table = prompt_rows(todo)
-    # one block per batch of prompts: blocks are what Ray Data hands to different actors
+    # one block per batch of prompts: blocks are what Ray Data hands to different tasks
     blocks = [table.slice(i, cfg.batch_prompts) for i in range(0, table.num_rows, cfg.batch_prompts)]
     sampling = OmegaConf.to_container(cfg.sampling) if OmegaConf.is_config(cfg.sampling) else dict(cfg.sampling)
     ds = _dataset(blocks, cfg)
@@ -156,7 +156,8 @@ def rescore(cfg, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, r
     """Judge images drawn earlier (ledger rows of another round or ledger, for `prompts`) with the serving
     policy; the new verdicts go to `ledger` round `round`, keyed as the originals. Returns the rows added."""
     have = ledger.keys(round)
-    keep = [(pid, j) not in have for pid, j in zip(rows.column("prompt_id").to_pylist(), rows.column("sample_idx").to_pylist())]
+    keys = zip(rows.column("prompt_id").to_pylist(), rows.column("sample_idx").to_pylist())
+    keep = [key not in have for key in keys]
     rows = rows.filter(pa.array(keep, pa.bool_()))
     if rows.num_rows == 0:
         return 0
@@ -231,7 +232,7 @@ def init_ray(cfg=None, log_to_driver: bool = False) -> bool:
     to 127.0.0.1 (never whatever cluster another user started on this machine); True if started here. The one
     way every gapray entry point starts Ray (jobs/, bench/, gapray measure).
 
-    `cfg` sizes a local instance's logical CPUs to what the run places (Serve replicas, pipeline actors, Ray
+    `cfg` sizes a local instance's logical CPUs to what the run places (Serve replicas, pipeline tasks, Ray
     Train workers: a self-improvement, measure or train config), so that they never wait on each other;
     `log_to_driver`: show the output of Ray tasks and actors (a driver actor's progress) in this process."""
     if ray.is_initialized():
@@ -257,7 +258,8 @@ def init_ray(cfg=None, log_to_driver: bool = False) -> bool:
 
 
 def placed_cpus(cfg) -> float:
-    """The logical CPUs a run places at once: replicas, two pools of pipeline actors, Ray Train workers, the driver."""
+    """The logical CPUs a run places at once: replicas, pipeline tasks (twice over, for slack), Ray Train workers,
+    the driver."""
     if cfg is None:
         return 1
     need = 1.0
