@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from gapray.backends.ray_stage import call_all, rescore_block, self_judge_block  # noqa: E402
 from gapray.data.ledger import VerdictLedger  # noqa: E402
 from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
 from gapray.data.schemas import PROMPT_ROW_SCHEMA, RESCORE_ROW_SCHEMA  # noqa: E402
@@ -61,11 +62,10 @@ from gapray.models import SamplingParams  # noqa: E402
 from gapray.prompts import Prompt  # noqa: E402
 from gapray.rundir import RunDir  # noqa: E402
 from gapray.serve.judge import deploy_judge, judge_spec  # noqa: E402
-from gapray.backends.ray_stage import call_all, rescore_block, self_judge_block  # noqa: E402
 from gapray.serve.replica import DEPLOYMENT  # noqa: E402
 from gapray.serve.server import deploy, images_per_request  # noqa: E402
 
-log = logging.getLogger(__name__)
+
 def prompt_rows(todo: list[tuple[Prompt, list[int]]]) -> pa.Table:
     """(prompt, sample indices to draw) pairs -> the pipeline's input table (PROMPT_ROW_SCHEMA)."""
     return pa.Table.from_pylist([{"prompt_id": p.prompt_id, "task": p.task, "prompt": p.prompt,
