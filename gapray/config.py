@@ -370,6 +370,8 @@ class PretrainConfig:
     self_generated_prompts: int = 512  # train prompts (task-balanced draw) whose own generations join the pool
     pool_prompts: int = 2000  # train prompts (task-balanced draw) rendered for the understanding pool
     task_alpha: float = 0.0  # prompts drawn by task with weight (rows of the task) ** task_alpha: 0 balanced, 1 uniform
+    own_positive_share: Optional[float] = None  # share of accepted images among the own generations of an
+    # understanding batch (None: their natural share); see world/pretrain.py Judged.batch
     checks: int = 4  # progress checks (dev figures + a saved model) per run
     dev_prompts: int = 60  # the dev set (grammar.dev_split of train) for progress checks; held out of training
     vq_from: Optional[str] = None  # start from this saved world model's VQ tokenizer (vq_steps=0: as is)
@@ -517,6 +519,8 @@ def check_values(cfg: DictConfig) -> None:
         for key in ("vq_batch", "gen_batch", "und_batch", "checks", "dev_prompts", "pool_prompts"):
             _require(cfg[key] >= 1, key, f"must be >= 1, got {cfg[key]}")
         _require(cfg.task_alpha >= 0, "task_alpha", f"must be >= 0 (0 = tasks balanced, 1 = prompts uniform), got {cfg.task_alpha}")
+        _require(cfg.own_positive_share is None or 0 <= cfg.own_positive_share <= 1, "own_positive_share",
+                 f"must be between 0 and 1 (or null: the natural share), got {cfg.own_positive_share}")
         _require(cfg.lm_hidden % cfg.lm_heads == 0, "lm_hidden",
                  f"must be a multiple of lm_heads ({cfg.lm_heads}), got {cfg.lm_hidden}")
     if OmegaConf.get_type(cfg) is TrainConfig:  # its `data` is a path and its backends differ: own checks

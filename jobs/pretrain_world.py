@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
                  self_generated_at=tuple(cfg.self_generated_at), self_generated_k=cfg.self_generated_k,
                  dev_rows=dev, seed=cfg.seed, log=log, on_dev_check=save, pool_prompts=cfg.pool_prompts,
                  self_generated_prompts=cfg.self_generated_prompts, checks=cfg.checks,
-                 task_alpha=cfg.task_alpha)
+                 task_alpha=cfg.task_alpha, own_positive_share=cfg.own_positive_share)
     if saved_at[-1:] != [cfg.lm_steps]:  # the last progress check, at the last step, saved it already
         save()
     return 0

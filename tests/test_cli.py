@@ -15,4 +15,7 @@ def test_a_subcommand_is_its_job(tmp_path, capsys):
         "jobs/self_improve.py: error: config key 'mode': 'bogus' is not one of sft, dpo, c-sft, c-dpo"
     assert main(["pretrain-world", "lm_steps=-5", f"out_dir={tmp_path / 'model'}"]) == 2
     assert capsys.readouterr().err.strip() == "pretrain_world: error: config key 'lm_steps': must be >= 0, got -5"
+    assert main(["pretrain-world", "own_positive_share=1.5", f"out_dir={tmp_path / 'model'}"]) == 2
+    assert capsys.readouterr().err.strip() == ("pretrain_world: error: config key 'own_positive_share': must be "
+                                               "between 0 and 1 (or null: the natural share), got 1.5")
     assert not (tmp_path / "run").exists() and not (tmp_path / "model").exists()

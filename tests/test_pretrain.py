@@ -62,6 +62,22 @@ def test_understanding_loss_weighs_the_digit_fully(world):
     assert enc["input_ids"][1, -n + digit] == world.tokenizer.convert_tokens_to_ids("0")
 
 
+def test_understanding_batches_balance_renders_and_optionally_own_generations():
+    """Half the batch renders (label-balanced), half own generations: at their natural share by default
+    (here 1 right in 20), at own_positive_share when given."""
+    labels = np.array([0] * 10 + [1] * 10 + [1] * 2 + [0] * 38)
+    own = np.array([False] * 20 + [True] * 40)
+    pool = Judged(["p"] * 60, np.zeros((60, 1, 1, 3), np.uint8), labels, own)
+    rng = np.random.default_rng(0)
+    natural = np.concatenate([pool.batch(40, rng) for _ in range(200)])
+    shared = np.concatenate([pool.batch(40, rng, own_positive_share=0.25) for _ in range(200)])
+    for idx in (natural, shared):
+        assert len(idx) == 8000 and own[idx].sum() == 4000
+        assert (labels[idx][~own[idx]] == 1).sum() == 2000  # renders exactly balanced
+    assert (labels[shared][own[shared]] == 1).sum() == 1000  # exactly a quarter of the own rows
+    assert abs((labels[natural][own[natural]] == 1).mean() - 0.05) < 0.015  # their share in the pool
+
+
 def test_generation_loss_drops_prompts_as_cfg_uncond_rows(world):
     """With p_uncond=1 every row is CFG's unconditional row: the loss is the NLL under those prompt ids."""
     rows = load_world_prompts("train")[:3]

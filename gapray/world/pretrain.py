@@ -157,18 +157,24 @@ class Judged:
         return Judged(self.prompts + other.prompts, np.concatenate([self.images, other.images]),
                       np.concatenate([self.labels, other.labels]), np.concatenate([self.own, other.own]))
 
-    def batch(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """n indices: half renders, label-balanced, half the model's own generations as they come.
+    def batch(self, n: int, rng: np.random.Generator, own_positive_share: float | None = None) -> np.ndarray:
+        """n indices: half renders, label-balanced, half the model's own generations.
 
         The pool is mostly negatives (hard negatives, and a young generator's own images are mostly wrong):
         sampled uniformly, the cheapest answer is 'always 0'. Renders are balanced so that the verdict has to
-        be read from the image; own generations keep their natural share of right and wrong images, the
-        distribution the judge is measured on (its accuracy on its own generations)."""
+        be read from the image. Own generations keep by default their natural share of right and wrong
+        images, the distribution the judge is measured on (its accuracy on its own generations); with
+        `own_positive_share` the accepted ones make up that share of them instead: a generator that is right
+        on 5% of its images otherwise teaches its judge that rejecting every own image is nearly free."""
         renders = [np.flatnonzero(~self.own & (self.labels == y)) for y in (0, 1)]
         own = np.flatnonzero(self.own)
         n_own = n // 2 if len(own) else 0
         picks = [rng.choice(g, size) for g, size in zip(renders, ((n - n_own) // 2, n - n_own - (n - n_own) // 2)) if len(g)]
-        if n_own:
+        own_right = own[self.labels[own] == 1]
+        if n_own and own_positive_share is not None and 0 < len(own_right) < len(own):
+            n_right = int(round(n_own * own_positive_share))
+            picks += [rng.choice(own_right, n_right), rng.choice(own[self.labels[own] == 0], n_own - n_right)]
+        elif n_own:
             picks.append(rng.choice(own, n_own))
         return np.concatenate(picks)
 
@@ -297,11 +303,11 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
              lr: float = 1e-3, self_generated_at: tuple[float, ...] = (0.5, 0.75), self_generated_k: int = 2,
              dev_rows: list[dict] | None = None, seed: int = 0, log=print, on_dev_check=None,
              pool_prompts: int = 2000, self_generated_prompts: int = 512, checks: int = 4,
-             task_alpha: float = 0.0) -> None:
+             task_alpha: float = 0.0, own_positive_share: float | None = None) -> None:
     """Both objectives every step; the understanding pool grows with the model's own generations at the
     given fractions of training, so the judge sees what the generator actually draws. Prompts are drawn
     task-balanced (pool_prompts for the render pool, self_generated_prompts x self_generated_k own images
-    per refresh; `task_alpha`: see task_balanced). `on_dev_check(step)` runs after each of the `checks` progress checks (the job saves the
+    per refresh; `task_alpha`: see task_balanced; `own_positive_share`: see Judged.batch). `on_dev_check(step)` runs after each of the `checks` progress checks (the job saves the
     model there)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -325,7 +331,7 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
         model.model.train()
         model.model.model.vqmodel.eval()
         loss_g = generation_loss(model, task_balanced(rows, gen_batch, rng, task_alpha), rng)
-        loss_u = understanding_loss(model, pool, pool.batch(und_batch, rng))
+        loss_u = understanding_loss(model, pool, pool.batch(und_batch, rng, own_positive_share))
         loss_c = caption_loss(model, pool, rng.integers(0, len(pool.labels), und_batch))
         opt.zero_grad()
         (loss_g + loss_u + loss_c).backward()
