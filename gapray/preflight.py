@@ -20,7 +20,9 @@ start of run_measure, before any phase runs: no Ray head is started and nothing 
      accepted), DPO pairs <= prompts (one per prompt: its best accepted and worst rejected image,
      gapray/data/preference.py), none when images_per_prompt is 1;
   5. run_dir not creatable or not writable: the missing directories are made, a probe file written and
-     removed, and whatever was made removed again;
+     removed, and whatever was made removed again; run_dir's filesystem without room for the run's
+     checkpoints and exports (gapray.plan.run_dir_bytes); an embedded Ray head whose temp dir (RAY_TMPDIR,
+     TMPDIR or /tmp) is on a filesystem past Ray's out-of-disk threshold, where it would refuse every object;
   6. a hub id not in the local cache that cannot be reached: offline (HF_HUB_OFFLINE), gated, misspelt, or no
      answer within 5 s (one HEAD request for its config.json; nothing is downloaded).
 
@@ -441,6 +443,34 @@ def check_space(cfg) -> None:
                         f"train.checkpoint.num_to_keep or rounds, or choose a run_dir on a larger volume")
 
 
+def ray_temp_dir() -> Path:
+    """Where a Ray head started here keeps its session, logs and spilled objects: Ray's own rule
+    (ray._common.utils.get_default_system_temp_dir), restated so that the preflight does not import Ray."""
+    if "RAY_TMPDIR" in os.environ:
+        return Path(os.environ["RAY_TMPDIR"]) / "ray"
+    return Path(os.environ.get("TMPDIR", "/tmp")) / "ray"
+
+
+def check_temp_space(cfg) -> None:
+    """Refuse a run that starts its own Ray head (a ray backend, no RAY_ADDRESS) on a temp filesystem used past
+    Ray's out-of-disk threshold (RAY_local_fs_capacity_threshold, 0.95 by default): there Ray fails every object
+    it creates (OutOfDiskError), which a run finds at its first phase. A cluster's nodes keep their own."""
+    import shutil
+
+    if os.environ.get("RAY_ADDRESS") or "ray" not in (cfg.backend, cfg.get("train", {}).get("backend")):
+        return
+    where = ray_temp_dir()
+    while not where.exists():
+        where = where.parent
+    threshold = float(os.environ.get("RAY_local_fs_capacity_threshold", 0.95))
+    usage = shutil.disk_usage(where)
+    used = 1 - usage.free / usage.total if usage.total else 1.0
+    if used >= threshold:
+        raise UserError(f"Ray's temp dir '{ray_temp_dir()}' is on a filesystem {used:.0%} full ({where}, "
+                        f"{usage.free / 2**30:.1f} GiB free) and Ray refuses to create objects past {threshold:.0%}: "
+                        f"free space there, or set RAY_TMPDIR=PATH to a larger volume")
+
+
 def check_self_improve(cfg, overrides=(), config_file: str | Path | None = None) -> None:
     """Everything jobs/self_improve.py can refuse before a phase runs; `overrides`/`config_file` tell whether
     model.dtype was given. The cheap checks first; a cluster (RAY_ADDRESS) is asked late: connecting takes seconds."""
@@ -458,6 +488,7 @@ def check_self_improve(cfg, overrides=(), config_file: str | Path | None = None)
     check_batch(cfg, len(load_prompts(cfg.prompts, limit=cfg.max_prompts)))
     check_run_dir(cfg.run_dir)
     check_space(cfg)
+    check_temp_space(cfg)
     if cluster:
         check_resources(cfg, local, cluster_resources())
     check_hub(cfg.model)
@@ -470,6 +501,7 @@ def check_measure(cfg) -> None:
     if not cluster:
         check_resources(cfg, local, embedded_head(local, cfg))
     check_run_dir(cfg.run_dir)
+    check_temp_space(cfg)
     if cluster:
         check_resources(cfg, local, cluster_resources())
     check_hub(cfg.model)

@@ -375,3 +375,27 @@ def test_a_run_whose_checkpoints_do_not_fit_the_disk_is_refused(tmp_path, monkey
     assert "train.checkpoint.num_to_keep" in msg
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(need * 10, need * 8, need * 1.1))
     preflight.check_space(run)
+
+
+def test_an_embedded_ray_head_on_a_full_temp_filesystem_is_refused(tmp_path, monkeypatch):
+    """Before: Ray started, then failed its first object (OutOfDiskError) with the disk past 95% used."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    seen = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: seen.append(path) or usage(100 * 2**30, 97 * 2**30, 3 * 2**30))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "big"))
+    run = cfg(f"run_dir={tmp_path / 'run'}", "backend=ray")
+    msg = refused(preflight.check_temp_space, run)
+    assert msg == (f"Ray's temp dir '{tmp_path / 'big' / 'ray'}' is on a filesystem 97% full ({tmp_path}, 3.0 GiB "
+                   "free) and Ray refuses to create objects past 95%: free space there, or set RAY_TMPDIR=PATH to a "
+                   "larger volume")
+    assert seen == [tmp_path]  # the nearest existing parent of a temp dir not made yet
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "0.99")  # Ray's own knob moves the line
+    preflight.check_temp_space(run)
+    monkeypatch.delenv("RAY_local_fs_capacity_threshold")
+    preflight.check_temp_space(cfg(f"run_dir={tmp_path / 'run'}", "backend=local", "train.backend=local"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster's nodes keep their own temp dirs
+    preflight.check_temp_space(run)
