@@ -73,9 +73,11 @@ class ServeConfig:
     autoscaling_config: Optional[AutoscalingConfig] = None
     num_cpus: float = 1.0  # logical CPUs per replica
     num_gpus: float = 0.0  # GPUs per replica (fractions share a GPU); > 0 puts the model on cuda
-    max_batch_size: int = 32  # model rows per forward batch: a guided image is 2 rows (cond + uncond)
+    # model rows per forward batch: a guided image is 2 rows (cond + uncond); null: each replica batches as many as
+    # its device's free memory holds once its weights are loaded (gapray.plan.memory_batch_rows)
+    max_batch_size: Optional[int] = 32
     batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill after its first request
-    max_ongoing_requests: int = 64  # per replica; well above max_batch_size so that batches can fill
+    max_ongoing_requests: int = 64  # calls in progress per replica; a replica cuts each into one piece per image
     app_name: str = "gapray"
     route_prefix: Optional[str] = "/gapray"  # HTTP routes <prefix>/sample, <prefix>/score; null: handles only
     http_port: int = 8000  # the Serve HTTP proxy, always on 127.0.0.1 (used when gapray starts Serve)
@@ -627,12 +629,10 @@ def serve_released_for_training(cfg) -> bool:
 def check_serve(s: DictConfig) -> None:
     _require(s.num_replicas >= 1, "serve.num_replicas", f"must be >= 1, got {s.num_replicas}")
     _require(s.num_cpus >= 0 and s.num_gpus >= 0, "serve.num_cpus", "num_cpus and num_gpus must be >= 0")
-    _require(s.max_batch_size >= 2, "serve.max_batch_size",
-             f"must be >= 2 model rows (one guided image is 2 rows), got {s.max_batch_size}")
+    _require(s.max_batch_size is None or s.max_batch_size >= 2, "serve.max_batch_size",
+             f"must be >= 2 model rows (one guided image is 2 rows), or null (sized by memory), got {s.max_batch_size}")
     _require(s.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", f"must be >= 0, got {s.batch_wait_timeout_s}")
-    _require(s.max_ongoing_requests >= s.max_batch_size, "serve.max_ongoing_requests",
-             f"must be >= serve.max_batch_size ({s.max_batch_size}) so that batches can fill, "
-             f"got {s.max_ongoing_requests}")
+    _require(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests", f"must be >= 1, got {s.max_ongoing_requests}")
     _require(1 <= s.http_port <= 65535, "serve.http_port", f"must be a port number, got {s.http_port}")
     _choice("serve.release_for_training", s.release_for_training, ("auto", "always", "never"))
     _choice("serve.log_level", s.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))

@@ -27,7 +27,8 @@ run config. One GPU of each role that holds memory:
     weights      P x model.dtype's bytes
     KV cache     kv_bytes_per_row x rows: 2 x layers x kv heads x head dim x bytes x (PROMPT_TOKENS + image
                  tokens) per row (the sampler's StaticCache), rows = serve.max_batch_size (model rows: a
-                 guided image is 2); with model.compile, rows round up to the sampler's batch bucket
+                 guided image is 2; null: each replica takes what fits its device at start, memory_batch_rows,
+                 and the plan counts the most that fit); with model.compile, rows round up to the batch bucket
     VQ decode    a score batch decodes max_batch_size images: 4 x image_size^2 x the decoder's top channels x
                  bytes each (its largest feature maps alive at once); the larger of the two batches counts
   judge replica (a VLM judge's JudgeServer, gapray/serve/judge.py; judge.num_replicas x judge.num_gpus): its
@@ -37,13 +38,15 @@ run config. One GPU of each role that holds memory:
 A GPU's memory is `cluster.gpu_memory_gb` (GiB, 2^30 bytes, as nvidia-smi and torch report a GPU's total: 80 for
 an A100 80GB, 79.6 for an H100 80GB, 22.5 for an A10G or L4 "24 GB"), else this machine's CUDA device, else
 unknown (the table only). A fractional num_gpus shares one GPU: its share of the memory is the budget.
-`kv_bytes_per_row`, `serve_row_bytes` and `max_batch_rows` are public: Serve batch sizing uses them.
+`kv_bytes_per_row`, `serve_row_bytes` and `max_batch_rows` are public: Serve batch sizing (memory_batch_rows, on
+a replica's device_free_bytes) uses them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from gapray.errors import UserError
@@ -222,6 +225,45 @@ def serve_row_bytes(arch: Arch, dtype_bytes: int, prompt_tokens: int = PROMPT_TO
                           tokens=prompt_tokens + arch.image_tokens)
     decode = DECODE_MAPS * arch.image_size**2 * arch.decoder_channels * dtype_bytes
     return kv, decode
+
+
+def rows_in_memory(config, dtype_bytes: int, free_bytes: float) -> int:
+    """The model rows a loaded model (its JanusConfig, weights in `dtype_bytes`) can batch in the `free_bytes` its
+    device has left with the weights in place: one row costs the larger of a sample row's KV cache and a score
+    row's VQ decode (serve_row_bytes), the plan's overhead kept aside (max_batch_rows)."""
+    kv, decode = serve_row_bytes(arch_from_config(config, "the loaded model"), dtype_bytes)
+    return max_batch_rows(free_bytes, weight_bytes=0, row_bytes=max(kv, decode))
+
+
+def memory_batch_rows(model, gpu_share: float = 1.0) -> int:
+    """serve.max_batch_size=null: the model rows a loaded JanusModel batches, from what its device has free now
+    (device_free_bytes); a device that cannot hold one guided image (2 rows) is refused in one line."""
+    free = device_free_bytes(model.device, gpu_share)
+    rows = rows_in_memory(model.model.config, model.model.dtype.itemsize, free)
+    if rows < 2:
+        raise UserError(f"serve.max_batch_size=null: {model.device} has {free / GiB:.2f} GiB free with the weights "
+                        f"loaded, not enough for one guided image (2 model rows); set serve.max_batch_size, or give "
+                        f"each replica more memory (serve.num_gpus)")
+    return rows
+
+
+def device_free_bytes(device, gpu_share: float = 1.0) -> float:
+    """The memory this process may still take on `device`: a GPU's free memory, within the process's share of the
+    card when replicas share it (0 < serve.num_gpus < 1: share x total, less what this process holds already);
+    the host's available memory (MemAvailable) on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        if 0 < gpu_share < 1:
+            free = min(free, gpu_share * total - torch.cuda.memory_reserved(device))
+        return max(0.0, float(free))
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024.0
+    except (OSError, StopIteration):  # not Linux
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def zero_partition(nbytes: float, workers: int, stage: int, level: int) -> float:
@@ -469,8 +511,13 @@ def serve_role(cfg, arch: Arch, budget: float | None) -> Role:
     b = DTYPE_BYTES[cfg.model.dtype]
     guided = cfg.sampling.guidance_scale != 1.0
     per_image = 2 if guided else 1
+    kv_row, decode_image = serve_row_bytes(arch, b)
+    P = arch.total
+    most = None if budget is None else max_batch_rows(budget, weight_bytes=P * b, row_bytes=max(kv_row, decode_image))
     if ray:
         rows = cfg.serve.max_batch_size
+        if rows is None:  # the replicas size their batches from their memory: the most that fit counts
+            rows = max(most or 0, 2)
         images = rows  # a score batch: one row per image
         a = cfg.serve.autoscaling_config
         n = f"{a.min_replicas}-{a.max_replicas}" if a is not None else f"{cfg.serve.num_replicas}"
@@ -481,8 +528,6 @@ def serve_role(cfg, arch: Arch, budget: float | None) -> Role:
         rows = images * per_image
         count, name = "the driver's device", "sampler (backend=local)"
     cache_rows = bucket_rows(rows) if cfg.model.compile else rows
-    kv_row, decode_image = serve_row_bytes(arch, b)
-    P = arch.total
     kv, decode = kv_row * cache_rows, decode_image * images
     role = Role(name, count, budget=budget)
     role.parts.append(Part("weights", P * b, f"{params_str(P)} params x {b} B ({cfg.model.dtype})"))
@@ -493,10 +538,13 @@ def serve_role(cfg, arch: Arch, budget: float | None) -> Role:
                            f"{images} images x {decode_image / 2**20:.1f} MiB ({DECODE_MAPS} maps of {arch.image_size}^2 "
                            f"x {arch.decoder_channels} ch)", counted=decode > kv))
     role.notes.append("serve: one batch at a time (the replica's lock): the larger of the sample and score batch counts")
+    if ray and cfg.serve.max_batch_size is None:
+        role.notes.append("serve: serve.max_batch_size=null: each replica batches as many rows as its device's free "
+                          "memory holds once its weights are loaded" + ("" if most is None else f" (here {most})"))
     if ray and budget is not None:
-        most = max_batch_rows(budget, weight_bytes=P * b, row_bytes=max(kv_row, decode_image))
         role.notes.append(f"serve: at most {most} model rows per batch fit this GPU ({most // per_image} "
-                          f"{'guided ' if guided else ''}images; serve.max_batch_size={rows} now)")
+                          f"{'guided ' if guided else ''}images; serve.max_batch_size="
+                          f"{'null' if cfg.serve.max_batch_size is None else cfg.serve.max_batch_size} now)")
         if role.total > budget:
             role.fixes = ([f"serve.max_batch_size={most}"] if most >= 2 else []) + \
                 ([f"model.dtype=bfloat16 (weights {P * 4 / GiB:.1f} -> {P * 2 / GiB:.1f} GiB)"] if b == 4 else []) + \

@@ -162,12 +162,12 @@ def test_killed_replica_is_replaced_and_the_round_is_exact(app, local, prompts, 
 
 
 def test_replicas_reencode_in_slices_in_order(app, local, tiny):
-    """serve_reencode: 10 images in requests of 3 (the last one short) come back in order, equal to the
+    """serve_reencode: 10 images in calls of 3 (the last one short) come back in order, equal to the
     model's own re-encoding, i.e. what the local backend writes into training rows."""
     from gapray.backends.ray import serve_reencode
 
     tokens = [r["image_tokens"] for r in local[0][:10]]
-    got = serve_reencode(APP, max_rows=3, retries=0)(tokens)
+    got = serve_reencode(APP, retries=0, images_per_call=3)(tokens)
     assert got == tiny.reencode(torch.tensor(tokens)).tolist() and got != tokens
 
 

@@ -10,6 +10,7 @@ import torch
 
 from gapray import plan
 from gapray.config import CONF_DIR, SelfImproveConfig, load_config
+from gapray.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = ["cluster.gpu_memory_gb=80", "serve.num_gpus=1", "train.scaling.use_gpu=true"]  # roles on (planned) GPUs
@@ -109,6 +110,26 @@ def test_max_batch_rows_is_the_most_that_fits():
     n = plan.max_batch_rows(gpu, weight_bytes=w, row_bytes=row)
     assert plan.with_overhead(w + n * row) <= gpu < plan.with_overhead(w + (n + 1) * row)
     assert plan.max_batch_rows(8 * plan.GiB, weight_bytes=w, row_bytes=row) == 0  # not even the weights
+
+
+def test_memory_sized_serve_batches_hold_what_the_free_memory_holds(tiny, tiny_arch, monkeypatch):
+    """serve.max_batch_size=null: a replica's rows are the most whose KV cache (or VQ decode) fits its device's free
+    memory with the plan's overhead; a device too small for one guided image is refused in one line."""
+    kv, decode = plan.serve_row_bytes(tiny_arch, 4)
+    free = 3 * plan.GiB
+    n = plan.rows_in_memory(tiny.config, 4, free)
+    assert plan.with_overhead(n * max(kv, decode)) <= free < plan.with_overhead((n + 1) * max(kv, decode))
+    monkeypatch.setattr(plan, "device_free_bytes", lambda device, share=1.0: free)
+    assert plan.memory_batch_rows(tiny) == n
+    monkeypatch.setattr(plan, "device_free_bytes", lambda device, share=1.0: plan.OVERHEAD_GIB * plan.GiB)
+    with pytest.raises(UserError, match=r"^serve.max_batch_size=null: cpu has 1.00 GiB free with the weights "
+                                        r"loaded, not enough for one guided image"):
+        plan.memory_batch_rows(tiny)
+    # the plan of such a run counts the most rows that fit the GPU it names
+    most = plan.max_batch_rows(80 * plan.GiB, weight_bytes=tiny_arch.total * 4, row_bytes=max(kv, decode))
+    serve = role(plan.plan_self_improve(cfg("model=tiny", *GPU, "serve.max_batch_size=null"), tiny_arch),
+                 "serve replica")
+    assert (part(serve, "KV cache (sample batch)"), part(serve, "VQ decode (score batch)")) == (kv * most, decode * most)
 
 
 def test_zero_stages_partition_optimizer_then_gradients_then_weights(tiny_arch):

@@ -21,7 +21,7 @@ from gapray.errors import UserError
 from gapray.models.sampler import image_seed
 from gapray.models import JanusModel, SamplingParams
 from gapray.serve.server import (SampleRequest, app_builder, deploy, free_port, http_url, reload,
-                                 replica_actor_names, split_seeds)
+                                 replica_actor_names)
 
 ROOT = Path(__file__).resolve().parent.parent
 APP, PREFIX = "gapray-serve-test", "/gapray-serve-test"
@@ -51,37 +51,71 @@ def seeds_of(i: int, n: int = 2) -> list[int]:
     return [1000 * i + j for j in range(n)]
 
 
-def test_split_seeds_fits_requests_in_a_batch():
+def test_a_request_is_cut_into_one_piece_per_image():
     guided, plain = SamplingParams(guidance_scale=5.0), SamplingParams(guidance_scale=1.0)
-    assert split_seeds(list(range(10)), guided, 8) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert split_seeds(list(range(10)), plain, 8) == [list(range(8)), [8, 9]]
-    assert SampleRequest("p", (1, 2, 3), guided).rows == 6
+    assert SampleRequest("p", (1, 2, 3), guided).rows == 6 and SampleRequest("p", (1, 2, 3), plain).rows == 3
+    assert [(r.seeds, r.rows) for r in SampleRequest("p", (1, 2, 3), guided).pieces()] == [((1,), 2), ((2,), 2), ((3,), 2)]
 
 
-def test_concurrent_requests_form_batches_and_keep_every_image(app, tiny):
+def test_concurrent_requests_form_full_batches_and_keep_every_image(app, tiny):
+    """Six calls of 3 guided images (6 model rows each) become 18 one-image pieces: a batch fills to exactly
+    max_batch_size (16) rows with the images of several calls and prompts, where whole calls could fill 12."""
     handle, _, cfg = app
     before = handle.stats.remote().result()
     prompts = [PROMPTS[i % 3] for i in range(6)]
-    responses = [handle.sample.remote(p, seeds_of(i)) for i, p in enumerate(prompts)]  # 4 model rows each
+    responses = [handle.sample.remote(p, seeds_of(i, 3)) for i, p in enumerate(prompts)]
     answers = [r.result() for r in responses]
     stats = handle.stats.remote().result()
     batches = stats["sample"][len(before["sample"]):]
-    assert sum(n for n, _ in batches) == 6
-    assert max(n for n, _ in batches) > 1, f"no batch held more than one request: {batches}"
+    assert sum(n for n, _ in batches) == 18 and sum(rows for _, rows in batches) == 36
+    assert max(rows for _, rows in batches) == cfg.max_batch_size, f"no batch was filled: {batches}"
     assert all(rows <= cfg.max_batch_size for _, rows in batches)  # counted in model rows: 2 per guided image
     # batching changes no image: each equals the image drawn alone from its prompt and seed
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        alone = tiny.sample([p], 2, SamplingParams(), seeds_of(i))
+        alone = tiny.sample([p], 3, SamplingParams(), seeds_of(i, 3))
         assert a["tokens"].tolist() == alone.tokens.tolist() and a["policy_version"] == 0
         torch.testing.assert_close(torch.tensor(a["logprobs"]), alone.logprobs)
 
     scored = [handle.score.remote(p, a["tokens"]) for p, a in zip(prompts, answers)]
     scored = [r.result() for r in scored]
     after = handle.stats.remote().result()["score"][len(before["score"]):]
-    assert sum(n for n, _ in after) == 6 and max(n for n, _ in after) > 1
+    assert sum(n for n, _ in after) == 18 and max(n for n, _ in after) > 3  # images of more than one call
     for p, a, s in zip(prompts, answers, scored):
-        alone = tiny.score([p] * 2, tiny.decode(torch.tensor(a["tokens"], dtype=torch.long)))
+        alone = tiny.score([p] * 3, tiny.decode(torch.tensor(a["tokens"], dtype=torch.long)))
         np.testing.assert_allclose(s["p_aligned"], alone.p_aligned, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_larger_than_a_batch_is_answered_whole(app, tiny):
+    """10 guided images are 20 model rows, beyond max_batch_size 16: Serve refuses such an item ("Size of item is
+    greater than max_batch_size"), so the replica cuts the call into pieces; same images as drawn alone."""
+    handle, _, cfg = app
+    seeds = seeds_of(7, 10)
+    assert 2 * len(seeds) > cfg.max_batch_size
+    a = handle.sample.remote(PROMPTS[1], seeds).result()
+    alone = tiny.sample([PROMPTS[1]], 10, SamplingParams(), seeds)
+    assert a["tokens"].tolist() == alone.tokens.tolist() and a["seeds"] == seeds
+    s = handle.score.remote(PROMPTS[1], a["tokens"]).result()
+    np.testing.assert_allclose(s["p_aligned"], tiny.score([PROMPTS[1]] * 10, tiny.decode(alone.tokens)).p_aligned,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_replica_sizes_its_batches_from_its_memory(app, tiny_dir, tiny):
+    """serve.max_batch_size=null: the replica's rows are what its device's free memory holds with its weights loaded
+    (the same computation here, in this process on the same machine, within 10%: MemAvailable moves)."""
+    from ray import serve
+
+    from gapray.plan import memory_batch_rows
+
+    cfg = ServeConfig(app_name=APP + "-memory", route_prefix=None, max_batch_size=None, num_cpus=1,
+                      http_port=app[2].http_port)
+    handle = deploy(ModelConfig(path=tiny_dir, device="cpu"), cfg)
+    try:
+        rows = handle.stats.remote().result()["max_batch_size"]
+        assert rows == pytest.approx(memory_batch_rows(tiny), rel=0.1) and rows > 1000
+        a = handle.sample.remote(PROMPTS[0], seeds_of(1)).result()
+        assert a["tokens"].tolist() == tiny.sample([PROMPTS[0]], 2, SamplingParams(), seeds_of(1)).tokens.tolist()
+    finally:
+        serve.delete(cfg.app_name)
 
 
 def test_http_routes_on_loopback_only(app):

@@ -13,6 +13,7 @@ from gapray.judges import build_judge
 from gapray.models import SampleOutput, SamplingParams
 from gapray.models.base import local_reference
 from gapray.models.loading import load_model, swap_weights
+from gapray.plan import memory_batch_rows
 from gapray.prompts import Prompt
 from gapray.selfjudge import judge_samples, sample_and_score_images
 
@@ -67,7 +68,7 @@ class LocalBackend:
         return self.model.reencode(torch.tensor(tokens)).tolist()
 
     def reference(self):
-        return local_reference(self.model, batch_size=self.cfg.serve.max_batch_size)
+        return local_reference(self.model, batch_size=self.cfg.serve.max_batch_size or memory_batch_rows(self.model))
 
     def _write(self, ledger: VerdictLedger, round: int, rows: list[dict]) -> int:
         ledger.write_part(round, pa.Table.from_pylist(

@@ -9,7 +9,9 @@ The verdict pipeline: prompts -> one trip per image to Serve (sample, decode, se
                     ledger part-*.parquet
 
 The stage is up to data.concurrency Ray Data tasks (gapray/backends/ray_stage.py, light to import) that keep
-many requests in flight to the ModelServer replicas (gapray/serve/server.py), where `@serve.batch` packs them into model batches; the replica draws, decodes and
+one request per prompt in flight to the ModelServer replicas (gapray/serve/server.py); a replica cuts each into
+one piece per image, which `@serve.batch` packs into full model batches of the replica's size (fixed, or sized
+by its memory: serve.max_batch_size=null), whatever the prompts and their numbers of images; it draws, decodes and
 judges each image (with the external judge it was deployed with, gapray/serve/judge.py) and answers verdict
 rows, so image tokens cross the network once and pixels never; the stage only stores them. Execution is
 streaming: a batch of prompts is judged and written while later ones are still being drawn, and the driver
@@ -58,12 +60,15 @@ from gapray.backends.ray_stage import call_all, rescore_block, self_judge_block 
 from gapray.data.ledger import VerdictLedger  # noqa: E402
 from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
 from gapray.data.schemas import PROMPT_ROW_SCHEMA, RESCORE_ROW_SCHEMA  # noqa: E402
-from gapray.models import SamplingParams  # noqa: E402
 from gapray.prompts import Prompt  # noqa: E402
 from gapray.rundir import RunDir  # noqa: E402
 from gapray.serve.judge import deploy_judge, judge_spec  # noqa: E402
 from gapray.serve.replica import DEPLOYMENT  # noqa: E402
-from gapray.serve.server import deploy, images_per_request  # noqa: E402
+from gapray.serve.server import deploy  # noqa: E402
+
+
+CALL_IMAGES = 64  # images per call where the driver cuts a list (reference log-probs, re-encoding): calls spread
+# over the replicas, and each replica cuts a call into batches of its own size
 
 
 def prompt_rows(todo: list[tuple[Prompt, list[int]]]) -> pa.Table:
@@ -86,10 +91,9 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
     blocks = [table.slice(i, cfg.batch_prompts) for i in range(0, table.num_rows, cfg.batch_prompts)]
     sampling = OmegaConf.to_container(cfg.sampling) if OmegaConf.is_config(cfg.sampling) else dict(cfg.sampling)
     ds = _dataset(blocks, cfg)
-    per_request = images_per_request(SamplingParams(**sampling), cfg.serve.max_batch_size)
     return ds.map_batches(self_judge_block, batch_size=cfg.batch_prompts, **_tasks(cfg), fn_kwargs=dict(
         app_name=app_name, sampling=sampling, seed=cfg.seed if seed is None else seed, mode=cfg.scoring.mode,
-        threshold=cfg.scoring.threshold, round=round, ledger_root=ledger_root, per_request=per_request,
+        threshold=cfg.scoring.threshold, round=round, ledger_root=ledger_root,
         retries=cfg.data.request_retries, log_level=cfg.serve.log_level))
 
 
@@ -171,7 +175,7 @@ def rescore(cfg, rows: pa.Table, prompts: list[Prompt], ledger: VerdictLedger, r
     ds = _dataset(blocks, cfg)
     ds = ds.map_batches(rescore_block, batch_size=None, **_tasks(cfg), fn_kwargs=dict(
         app_name=app_name, mode=cfg.scoring.mode, threshold=cfg.scoring.threshold, round=round,
-        ledger_root=str(ledger.root), max_rows=cfg.serve.max_batch_size, retries=cfg.data.request_retries,
+        ledger_root=str(ledger.root), retries=cfg.data.request_retries,
         log_level=cfg.serve.log_level))
     return sum(batch.num_rows for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
 
@@ -193,30 +197,32 @@ def run_round(cfg, prompts: list[Prompt], run_dir: str | Path, round: int, app_n
     out_dir = RunDir(run_dir).data(round)
     if new_rows or not all((out_dir / f"{name}.parquet").exists() for name in OUTPUTS):
         if reference is None and cfg.data.ref_logprobs:
-            reference = serve_reference(app_name, cfg.serve.max_batch_size, cfg.data.request_retries)
+            reference = serve_reference(app_name, cfg.data.request_retries)
         build_preference_data(ledger, round, out_dir, min_margin=cfg.data.min_margin, reference=reference)
     counts = {name: pq.ParquetFile(out_dir / f"{name}.parquet").metadata.num_rows for name in OUTPUTS}
     return {"round": round, "rows": ledger.count(round), "new_rows": new_rows, **counts}
 
 
-def serve_reference(app_name: str, max_rows: int, retries: int) -> Reference:
-    """Reference log-probs from the ModelServer replicas (their current policy), `max_rows` images a call."""
+def serve_reference(app_name: str, retries: int, images_per_call: int = CALL_IMAGES) -> Reference:
+    """Reference log-probs from the ModelServer replicas (their current policy), `images_per_call` images a call,
+    all sent at once (spread over the replicas; each cuts a call into its own batches), a lost one sent again."""
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
 
     def reference(prompts: list[str], tokens: list[list[int]]) -> list[float]:
-        calls = [(prompts[i:i + max_rows], np.array(tokens[i:i + max_rows], dtype=np.int64))
-                 for i in range(0, len(prompts), max_rows)]
+        n = images_per_call
+        calls = [(prompts[i:i + n], np.array(tokens[i:i + n], dtype=np.int64)) for i in range(0, len(prompts), n)]
         return [x for a in call_all(handle.logprobs, calls, retries) for x in a["logprobs"]]
     return reference
 
 
-def serve_reencode(app_name: str, max_rows: int, retries: int):
-    """Image tokens -> the tokens of their decoded pictures (UnifiedModel.reencode) by the ModelServer replicas,
-    `max_rows` images a request, all sent at once (spread over the replicas), a lost one sent again."""
+def serve_reencode(app_name: str, retries: int, images_per_call: int = CALL_IMAGES):
+    """Image tokens -> the tokens of their decoded pictures (UnifiedModel.reencode) by the ModelServer replicas, as
+    serve_reference sends its calls."""
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name)
 
     def reencode(tokens: list[list[int]]) -> list[list[int]]:
-        calls = [(np.asarray(tokens[i:i + max_rows], dtype=np.int64),) for i in range(0, len(tokens), max_rows)]
+        n = images_per_call
+        calls = [(np.asarray(tokens[i:i + n], dtype=np.int64),) for i in range(0, len(tokens), n)]
         return [row for a in call_all(handle.reencode, calls, retries) for row in a["image_tokens"].tolist()]
     return reencode
 
@@ -342,7 +348,7 @@ class RayBackend:
         return serve_decode(self.app)(tokens)
 
     def reencode(self, tokens: list[list[int]]) -> list[list[int]]:
-        return serve_reencode(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)(tokens)
+        return serve_reencode(self.app, self.cfg.data.request_retries)(tokens)
 
     def reference(self):
-        return serve_reference(self.app, self.cfg.serve.max_batch_size, self.cfg.data.request_retries)
+        return serve_reference(self.app, self.cfg.data.request_retries)

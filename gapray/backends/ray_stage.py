@@ -74,33 +74,24 @@ def _store(rows: list[dict], round: int, ledger_root: str | None) -> pa.Table:
 
 
 def self_judge_block(batch: pa.Table, *, app_name: str, sampling: dict, seed: int, mode: str, threshold: float,
-                     round: int, per_request: int, retries: int, ledger_root: str | None = None,
+                     round: int, retries: int, ledger_root: str | None = None,
                      log_level: str = "WARNING") -> pa.Table:
     """Prompt rows -> verdict rows (LEDGER_SCHEMA), one trip per image: a ModelServer replica draws, decodes and
-    judges each image (itself, and the external judge it was deployed with) and answers ledger-ready rows.
-    `per_request`: images per call (gapray.serve.server.images_per_request: one model batch at most)."""
-    calls = []
-    for row in batch.to_pylist():
-        idx = row["sample_idx"]  # a request never exceeds one model batch (Serve refuses those): big K is split
-        for chunk in (idx[i:i + per_request] for i in range(0, len(idx), per_request)):
-            calls.append((_prompt(row), chunk, seed, sampling, mode, threshold))
+    judges each image (itself, and the external judge it was deployed with) and answers ledger-ready rows, each
+    with its policy_version. One call per prompt: the replica cuts it into its own batches."""
+    calls = [(_prompt(row), row["sample_idx"], seed, sampling, mode, threshold) for row in batch.to_pylist()]
     answers = call_all(_handle(app_name, log_level).self_judge, calls, retries)
-    return _store([{"round": round, **r, "policy_version": a["policy_version"]} for a in answers for r in a["rows"]],
-                  round, ledger_root)
+    return _store([{"round": round, **r} for a in answers for r in a["rows"]], round, ledger_root)
 
 
-def rescore_block(batch: pa.Table, *, app_name: str, mode: str, threshold: float, round: int, max_rows: int,
-                  retries: int, ledger_root: str | None = None, log_level: str = "WARNING") -> pa.Table:
+def rescore_block(batch: pa.Table, *, app_name: str, mode: str, threshold: float, round: int, retries: int,
+                  ledger_root: str | None = None, log_level: str = "WARNING") -> pa.Table:
     """Images drawn earlier (RESCORE_ROW_SCHEMA) -> the serving policy's verdict rows, keyed as the originals."""
     by_prompt: dict[str, list[dict]] = {}
     for row in batch.to_pylist():
         by_prompt.setdefault(row["prompt_id"], []).append(row)
-    calls = []
-    for rows in by_prompt.values():
-        for g in (rows[i:i + max_rows] for i in range(0, len(rows), max_rows)):
-            calls.append((_prompt(g[0]), [r["sample_idx"] for r in g], [r["seed"] for r in g],
-                          np.array([r["image_tokens"] for r in g], dtype=np.int64),
-                          np.array([r["logprob"] for r in g], dtype=np.float32), mode, threshold))
+    calls = [(_prompt(g[0]), [r["sample_idx"] for r in g], [r["seed"] for r in g],
+              np.array([r["image_tokens"] for r in g], dtype=np.int64),
+              np.array([r["logprob"] for r in g], dtype=np.float32), mode, threshold) for g in by_prompt.values()]
     answers = call_all(_handle(app_name, log_level).rescore, calls, retries)
-    return _store([{"round": round, **r, "policy_version": a["policy_version"]} for a in answers for r in a["rows"]],
-                  round, ledger_root)
+    return _store([{"round": round, **r} for a in answers for r in a["rows"]], round, ledger_root)

@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import time
@@ -58,10 +59,12 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from gapray.config import ModelConfig, ServeAppConfig, load_config
+from gapray.errors import UserError
 from gapray.models import SampleOutput, SamplingParams, UnifiedModel
-from gapray.models.base import conditional_logprobs
+from gapray.models.base import local_reference
 from gapray.models.loading import load_model, swap_weights
 from gapray.models.sampler import image_seed
+from gapray.plan import memory_batch_rows
 from gapray.prompts import Prompt
 from gapray.selfjudge import judge_samples, sample_and_score_images
 from gapray.serve.judge import replica_judge
@@ -82,6 +85,9 @@ class SampleRequest:
     def rows(self) -> int:
         return len(self.seeds) * rows_per_image(self.sampling)
 
+    def pieces(self) -> list["SampleRequest"]:
+        return [dataclasses.replace(self, seeds=(s,)) for s in self.seeds]
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreRequest:
@@ -92,6 +98,9 @@ class ScoreRequest:
     @property
     def rows(self) -> int:
         return len(self.tokens)
+
+    def pieces(self) -> list["ScoreRequest"]:
+        return [dataclasses.replace(self, tokens=self.tokens[j:j + 1]) for j in range(len(self.tokens))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +116,9 @@ class SelfJudgeRequest:
     @property
     def rows(self) -> int:
         return len(self.sample_idx) * rows_per_image(self.sampling)
+
+    def pieces(self) -> list["SelfJudgeRequest"]:
+        return [dataclasses.replace(self, sample_idx=(j,)) for j in self.sample_idx]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,21 +136,15 @@ class RescoreRequest:
     def rows(self) -> int:
         return len(self.sample_idx)
 
+    def pieces(self) -> list["RescoreRequest"]:
+        return [dataclasses.replace(self, sample_idx=(j,), seeds=(x,), tokens=self.tokens[i:i + 1],
+                                    logprobs=self.logprobs[i:i + 1])
+                for i, (j, x) in enumerate(zip(self.sample_idx, self.seeds))]
+
 
 def rows_per_image(sampling: SamplingParams) -> int:
     """Model rows one image costs while sampling: CFG runs a cond and an uncond row."""
     return 2 if sampling.guided else 1
-
-
-def images_per_request(sampling: SamplingParams, max_rows: int) -> int:
-    """The most images one request may hold: all of its rows fit in one batch of `max_rows` model rows."""
-    return max(1, max_rows // rows_per_image(sampling))
-
-
-def split_seeds(seeds: list[int], sampling: SamplingParams, max_rows: int) -> list[list[int]]:
-    """Cut one prompt's seeds into requests that each fit in a batch of `max_rows` model rows."""
-    per = images_per_request(sampling, max_rows)
-    return [list(seeds[i:i + per]) for i in range(0, len(seeds), per)]
 
 
 def batch_rows(requests: list) -> int:
@@ -266,7 +272,8 @@ http_app = FastAPI(title="gapray ModelServer")
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(http_app)
 class ModelServer:
-    def __init__(self, model: dict, max_batch_size: int, batch_wait_timeout_s: float, judge: dict | None = None):
+    def __init__(self, model: dict, max_batch_size: int | None, batch_wait_timeout_s: float, judge: dict | None = None,
+                 gpu_share: float = 1.0):
         from ray.util import metrics
 
         keep_replica_grpc_on_loopback()
@@ -275,10 +282,15 @@ class ModelServer:
         self.judge = replica_judge(judge)  # the external judge of self_judge (None: none)
         self.checkpoint: str | None = None  # None: the weights `model` names
         self.policy_version = 0
-        self.max_batch_size = max_batch_size
+        # null: as many rows as this replica's device holds now that its weights are in (a GPU's free memory, within
+        # its share of the card when replicas share one), so that one config fits an L4 and an H200 alike
+        self.max_batch_size = max_batch_size or memory_batch_rows(self.model, gpu_share)
         self._lock = asyncio.Lock()  # one model call at a time; reconfigure waits for the running batch
+        # Serve warns when max_batch_size exceeds max_ongoing_requests ("will never achieve the configured
+        # max_batch_size"): not so here, where batches count model rows and each call becomes one piece per image.
+        logging.getLogger("ray.serve").addFilter(lambda r: "larger than `max_ongoing_requests`" not in r.getMessage())
         for handler in (self._sample_batch, self._score_batch, self._self_judge_batch, self._rescore_batch):
-            handler.set_max_batch_size(max_batch_size)
+            handler.set_max_batch_size(self.max_batch_size)
             handler.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches = {m: collections.deque(maxlen=4096) for m in ("sample", "score", "self_judge", "rescore")}
         self.model_seconds = dict.fromkeys(self.batches, 0.0)  # time in the model per method (benchmarks)
@@ -301,32 +313,52 @@ class ModelServer:
             self.m_version.set(self.policy_version)
 
     # -- handle API (Ray Data calls these) --
+    # A call of any size is cut into one piece per image (`pieces`), each queued for its @serve.batch handler:
+    # batches fill exactly with the images of whatever calls are waiting, from any prompts, and no call is ever
+    # larger than a batch, so callers need not know a replica's batch size (sized by memory, it differs by GPU).
     async def sample(self, prompt: str, seeds: list[int], sampling: dict | None = None) -> dict:
-        return await self._sample_batch(SampleRequest(prompt, tuple(int(s) for s in seeds),
-                                                      SamplingParams(**(sampling or {}))))
+        parts = await self._pieces(self._sample_batch, SampleRequest(
+            prompt, tuple(int(s) for s in seeds), SamplingParams(**(sampling or {}))))
+        return {"tokens": np.concatenate([a["tokens"] for a in parts]),
+                "logprobs": np.concatenate([a["logprobs"] for a in parts]),
+                "seeds": [s for a in parts for s in a["seeds"]], "policy_version": min(a["policy_version"] for a in parts)}
 
     async def score(self, prompt: str, image_tokens, mode: str = "logits") -> dict:
         tokens = np.atleast_2d(np.asarray(image_tokens, dtype=np.int64))
-        return await self._score_batch(ScoreRequest(prompt, tokens, mode))
+        parts = await self._pieces(self._score_batch, ScoreRequest(prompt, tokens, mode))
+        return {"p_aligned": [p for a in parts for p in a["p_aligned"]], "answers": [x for a in parts for x in a["answers"]],
+                "policy_version": min(a["policy_version"] for a in parts)}
 
     async def self_judge(self, prompt: dict, sample_idx: list[int], seed: int, sampling: dict | None = None,
                          mode: str = "logits", threshold: float = 0.5) -> dict:
-        """{"rows": verdict rows of images sample_idx, "policy_version"}: drawn and judged by the same weights."""
-        return await self._self_judge_batch(SelfJudgeRequest(
+        """{"rows": verdict rows of images sample_idx, each with the policy_version that drew and judged it}."""
+        return self._rows(await self._pieces(self._self_judge_batch, SelfJudgeRequest(
             Prompt(**prompt), tuple(int(j) for j in sample_idx), int(seed), SamplingParams(**(sampling or {})),
-            mode, float(threshold)))
+            mode, float(threshold))))
 
     async def rescore(self, prompt: dict, sample_idx: list[int], seeds: list[int], image_tokens, logprobs,
                       mode: str = "logits", threshold: float = 0.5) -> dict:
-        return await self._rescore_batch(RescoreRequest(
+        return self._rows(await self._pieces(self._rescore_batch, RescoreRequest(
             Prompt(**prompt), tuple(int(j) for j in sample_idx), tuple(int(x) for x in seeds),
             np.atleast_2d(np.asarray(image_tokens, dtype=np.int64)), np.asarray(logprobs, dtype=np.float32),
-            mode, float(threshold)))
+            mode, float(threshold))))
+
+    @staticmethod
+    async def _pieces(handler, request) -> list[dict]:
+        return await asyncio.gather(*[handler(piece) for piece in request.pieces()])
+
+    @staticmethod
+    def _rows(parts: list[dict]) -> dict:
+        """Verdict rows of a call's pieces, each keeping the policy_version of its own piece (a weight swap may
+        fall between two pieces)."""
+        return {"rows": [{**r, "policy_version": a["policy_version"]} for a in parts for r in a["rows"]],
+                "policy_version": min(a["policy_version"] for a in parts)}
 
     async def logprobs(self, prompts: list[str], image_tokens) -> dict:
         async with self._lock:
             version = self.policy_version
-            out = await asyncio.to_thread(conditional_logprobs, self.model, prompts, image_tokens)
+            out = await asyncio.to_thread(local_reference(self.model, self.max_batch_size), prompts,
+                                          np.asarray(image_tokens).tolist())
         return {"logprobs": out, "policy_version": version}
 
     async def decode(self, image_tokens) -> dict:
@@ -340,11 +372,11 @@ class ModelServer:
         """The tokens of the pictures image tokens decode to (decode, then the VQ encoder): training data."""
         tokens = torch.as_tensor(np.atleast_2d(np.array(image_tokens, dtype=np.int64)))
         async with self._lock:
-            out = await asyncio.to_thread(self.model.reencode, tokens)
+            out = await asyncio.to_thread(self.model.reencode, tokens, self.max_batch_size)
         return {"image_tokens": out.numpy()}
 
     async def stats(self) -> dict:
-        """Batches formed so far per method, as (requests, model rows): what tests and benchmarks inspect."""
+        """Batches formed so far per method, as (images, model rows): what tests and benchmarks inspect."""
         return {**{m: list(b) for m, b in self.batches.items()}, "model_seconds": dict(self.model_seconds),
                 "torch_threads": torch.get_num_threads(),
                 "policy_version": self.policy_version, "checkpoint": self.checkpoint, "pid": os.getpid(),
@@ -395,12 +427,10 @@ class ModelServer:
     async def http_sample(self, body: SampleBody) -> dict:
         sampling = SamplingParams(body.guidance_scale, body.temperature, body.top_k, body.top_p)
         seeds = [image_seed(body.seed, body.prompt_id or body.prompt, j) for j in range(body.n)]
-        parts = await asyncio.gather(*[self.sample(body.prompt, chunk, dataclasses.asdict(sampling))
-                                       for chunk in split_seeds(seeds, sampling, self.max_batch_size)])
-        tokens = np.concatenate([p["tokens"] for p in parts])
+        a = await self.sample(body.prompt, seeds, dataclasses.asdict(sampling))
+        tokens = a["tokens"]
         out = {"prompt": body.prompt, "seeds": seeds, "image_tokens": tokens.tolist(),
-               "logprob": np.concatenate([p["logprobs"] for p in parts]).sum(-1).tolist(),
-               "policy_version": min(p["policy_version"] for p in parts)}
+               "logprob": a["logprobs"].sum(-1).tolist(), "policy_version": a["policy_version"]}
         if body.png:
             async with self._lock:
                 images = await asyncio.to_thread(self.model.decode, torch.as_tensor(tokens, dtype=torch.long))
@@ -446,7 +476,7 @@ def build_app(model, serve_cfg, checkpoint: str | None = None, policy_version: i
     if m.get("device", "auto") == "auto" and s["num_gpus"] == 0:
         m["device"] = "cpu"  # no GPU asked for: never grab one that happens to be visible
     init = {"model": m, "max_batch_size": s["max_batch_size"], "batch_wait_timeout_s": s["batch_wait_timeout_s"],
-            "judge": judge}
+            "judge": judge, "gpu_share": s["num_gpus"]}
     # Serve restarts replicas whenever the deployment's code version changes, and serve.run draws a random
     # one per call; pinning it to what the replicas are built from makes a redeploy that changes only
     # user_config (a new checkpoint) a call to reconfigure() on the live replicas. (Config-file deploys,
@@ -469,7 +499,6 @@ def app_builder(args: dict):
     cfg = load_config(ServeAppConfig, overrides=overrides + _dotlist(args.get("serve", {}), "serve"))
     unknown = set(args) - {"model", "serve"}
     if unknown:
-        from gapray.errors import UserError
         raise UserError(f"serve app args: unknown keys {sorted(unknown)}; valid: model, serve")
     return build_app(cfg.model, cfg.serve)
 
