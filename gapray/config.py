@@ -139,7 +139,8 @@ class JudgeConfig:
     max_new_tokens: int = 16  # generate mode
     # backend=ray: a VLM judge runs in its own Serve app, JudgeServer (gapray/serve/judge.py), called by the policy
     # replicas with the pixels they decode
-    num_replicas: int = 1  # JudgeServer replicas, each holding a copy of the VLM
+    num_replicas: int = 1  # JudgeServer replicas, each holding a copy of the VLM; ignored when autoscaling_config is set
+    autoscaling_config: Optional[AutoscalingConfig] = None  # JudgeServer replicas by load, as serve.autoscaling_config
     num_gpus: Optional[float] = None  # GPUs per JudgeServer replica (fractions share a GPU); null: serve.num_gpus
 
 
@@ -609,6 +610,7 @@ def check_judge(cfg: DictConfig) -> None:
     _require(j.max_new_tokens >= 1, "judge.max_new_tokens", f"must be >= 1, got {j.max_new_tokens}")
     _require(j.num_gpus is None or j.num_gpus >= 0, "judge.num_gpus", f"must be >= 0 or null, got {j.num_gpus}")
     _require(j.num_replicas >= 1, "judge.num_replicas", f"must be >= 1, got {j.num_replicas}")
+    _check_autoscaling("judge.autoscaling_config", j.autoscaling_config)
 
 
 def worker_gpus(scaling) -> float:
@@ -638,11 +640,14 @@ def check_serve(s: DictConfig) -> None:
     _choice("serve.log_level", s.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
     _require(s.route_prefix is None or s.route_prefix.startswith("/"), "serve.route_prefix",
              f"must start with '/' or be null, got '{s.route_prefix}'")
-    a = s.autoscaling_config
+    _check_autoscaling("serve.autoscaling_config", s.autoscaling_config)
+
+
+def _check_autoscaling(key: str, a) -> None:
     if a is not None:
-        _require(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1, "serve.autoscaling_config",
+        _require(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1, key,
                  f"need 0 <= min_replicas <= max_replicas, max_replicas >= 1; got {a.min_replicas}..{a.max_replicas}")
-        _require(a.target_ongoing_requests > 0, "serve.autoscaling_config.target_ongoing_requests", "must be > 0")
+        _require(a.target_ongoing_requests > 0, f"{key}.target_ongoing_requests", "must be > 0")
 
 
 def check_self_improve(cfg: DictConfig) -> None:

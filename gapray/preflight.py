@@ -106,8 +106,10 @@ def ray_demands(cfg) -> list[tuple[str, dict[str, float], int]]:
         if "judge" in cfg and judge_kind(cfg) == "vlm":  # its JudgeServer app (gapray/serve/judge.py)
             j = cfg.judge
             gpus = s.num_gpus if j.num_gpus is None else j.num_gpus
-            out.append((f"judge (JudgeServer: judge.num_replicas={j.num_replicas}, judge.num_gpus={gpus:g} per replica)",
-                        {"CPU": s.num_cpus, "GPU": gpus}, j.num_replicas))
+            ja = j.get("autoscaling_config")
+            n, key = (j.num_replicas, "judge.num_replicas") if ja is None else (ja.min_replicas, "judge.autoscaling_config.min_replicas")
+            out.append((f"judge (JudgeServer: {key}={n}, judge.num_gpus={gpus:g} per replica)",
+                        {"CPU": s.num_cpus, "GPU": gpus}, n))
     if "train" in cfg and cfg.train.backend == "ray":
         sc = cfg.train.scaling
         gpus = worker_gpus(sc)
@@ -165,7 +167,7 @@ def check_resources(cfg, local: Resources, target: Resources) -> None:
         raise UserError(f"the run holds {held:g} GPUs at once ({parts}: {why}), but "
                         f"{target.where} has at most {have:g}; lower {'train.scaling.num_workers or ' if trains else ''}"
                         f"the replicas (serve.num_replicas, serve.autoscaling_config.min_replicas"
-                        f"{', judge.num_replicas, judge.num_gpus' if any(k.startswith('judge') for k, _, _ in demands) else ''})"
+                        f"{', judge.num_replicas, judge.autoscaling_config.min_replicas, judge.num_gpus' if any(k.startswith('judge') for k, _, _ in demands) else ''})"
                         f"{', or let the trainer take them: serve.release_for_training=always' if trains and not released else ''}")
 
 

@@ -209,7 +209,15 @@ def test_measure_backend_ray_with_a_vlm_judge_equals_backend_local(ray_cluster, 
             "batch_prompts=3", f"judge.model={tmp_path / 'judge'}", "judge.dtype=float32", "judge.device=cpu"]
     assert main(["measure", *args, f"run_dir={tmp_path / 'local'}"]) == 0
     assert main(["measure", *args, f"run_dir={tmp_path / 'ray'}", "backend=ray", "serve.max_batch_size=8",
-                 f"serve.http_port={free_port()}", "data.concurrency=1"]) == 0
+                 f"serve.http_port={free_port()}", "data.concurrency=1", "judge.autoscaling_config.min_replicas=1",
+                 "judge.autoscaling_config.max_replicas=2"]) == 0
+    # ... through a JudgeServer deployed with Serve's autoscaling (1-2 replicas), not a fixed count
+    from gapray.serve.judge import judge_replicas
+
+    assert judge_replicas({"num_replicas": 3, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2,
+                                                                     "initial_replicas": None}}) == \
+        {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}
+    assert judge_replicas({"num_replicas": 3, "autoscaling_config": None}) == {"num_replicas": 3}
     want, got = (sorted(pq.read_table(tmp_path / d / "verdicts.parquet").to_pylist(), key=key) for d in ("local", "ray"))
     assert len(got) == 6 and [r["image_tokens"] for r in got] == [r["image_tokens"] for r in want]
     assert {r["judge_model"] for r in got} == {str(tmp_path / "judge")}

@@ -105,6 +105,12 @@ def test_a_vlm_judges_jobserver_replicas_hold_gpus_beside_the_policy_replicas():
     msg = refused(preflight.check_resources, measure("judge.num_replicas=2", "judge.num_gpus=0.5"), CPU_ONLY, machine(1))
     assert "holds 2 GPUs at once" in msg and "2 x 0.5 for judge" in msg and "judge.num_replicas" in msg
     preflight.check_resources(measure("judge.num_replicas=2", "judge.num_gpus=0.5"), CPU_ONLY, machine(2))
+    # autoscaled: the judge holds its min_replicas at all times (num_replicas is ignored then)
+    auto = measure("judge.num_replicas=5", "judge.autoscaling_config.min_replicas=2", "judge.autoscaling_config.max_replicas=4")
+    assert "1 x 1 for serve + 2 x 1 for judge" in refused(preflight.check_resources, auto, CPU_ONLY, machine(2))
+    preflight.check_resources(auto, CPU_ONLY, machine(3))
+    with pytest.raises(UserError, match="judge.autoscaling_config"):
+        measure("judge.autoscaling_config.min_replicas=3", "judge.autoscaling_config.max_replicas=2")
     # with training: Serve and the judge give their GPUs to the trainer, so serving (1 + 2) vs training (4) counts
     kept = cfg("experiment=janus-pro-7b", "train.scaling.num_workers=2", "judge.num_replicas=2")
     preflight.check_resources(kept, CPU_ONLY, machine(3))

@@ -57,6 +57,7 @@ from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from gapray.backends.ray_stage import call_all, rescore_block, self_judge_block  # noqa: E402
+from gapray.config import judge_kind  # noqa: E402
 from gapray.data.ledger import VerdictLedger  # noqa: E402
 from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
 from gapray.data.schemas import PROMPT_ROW_SCHEMA, RESCORE_ROW_SCHEMA  # noqa: E402
@@ -264,7 +265,7 @@ def init_ray(cfg=None, log_to_driver: bool = False) -> bool:
 
 
 def placed_cpus(cfg) -> float:
-    """The logical CPUs a run places at once: replicas, pipeline tasks (twice over, for slack), Ray Train workers,
+    """The logical CPUs a run places at once: replicas (policy and VLM judge), pipeline tasks (twice over, for slack), Ray Train workers,
     the driver."""
     if cfg is None:
         return 1
@@ -273,6 +274,9 @@ def placed_cpus(cfg) -> float:
         s = cfg.serve
         replicas = s.autoscaling_config.max_replicas if s.autoscaling_config is not None else s.num_replicas
         need += replicas * s.num_cpus
+        if "judge" in cfg and judge_kind(cfg) == "vlm":  # its JudgeServer replicas take serve.num_cpus each
+            j = cfg.judge
+            need += (j.autoscaling_config.max_replicas if j.autoscaling_config is not None else j.num_replicas) * s.num_cpus
     if "data" in cfg and not isinstance(cfg.data, str):  # a train config's `data` is its preference dir
         need += 2 * cfg.data.concurrency * cfg.data.num_cpus
     scaling = cfg.train.scaling if "train" in cfg else cfg.get("scaling")  # self-improvement run / train job

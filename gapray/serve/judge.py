@@ -109,6 +109,15 @@ class JudgeServer:
         return answers
 
 
+def judge_replicas(spec: dict) -> dict:
+    """The JudgeServer's replica options: judge.autoscaling_config (Serve scales the replicas with the requests each
+    has in flight, the policy replicas' judge calls), else a fixed judge.num_replicas."""
+    auto = spec.get("autoscaling_config")
+    if auto:
+        return {"autoscaling_config": {k: v for k, v in auto.items() if v is not None}}
+    return {"num_replicas": int(spec.get("num_replicas") or 1)}
+
+
 def deploy_judge(spec: dict | None, serve_cfg, app_name: str) -> dict | None:
     """Deploy (or leave running) the JudgeServer app of a VLM spec and return the spec that names it, for
     gapray.serve.server.deploy; other specs come back as they are."""
@@ -122,9 +131,7 @@ def deploy_judge(spec: dict | None, serve_cfg, app_name: str) -> dict | None:
     if spec.get("device", "auto") == "auto" and not gpus:
         init["judge"]["device"] = "cpu"  # no GPU asked for: never grab one that happens to be visible
     version = hashlib.blake2b(json.dumps(init, sort_keys=True).encode(), digest_size=8).hexdigest()
-    app = JudgeServer.options(num_replicas=int(spec.get("num_replicas") or 1),
-                              ray_actor_options={"num_cpus": s["num_cpus"], "num_gpus": gpus},
-                              logging_config=deployment_logging(s),
-                              version=version, _internal=True).bind(**init)
+    app = JudgeServer.options(**judge_replicas(spec), ray_actor_options={"num_cpus": s["num_cpus"], "num_gpus": gpus},
+                              logging_config=deployment_logging(s), version=version, _internal=True).bind(**init)
     serve.run(app, name=app_name, route_prefix=None)
     return {**spec, "app": app_name}
