@@ -92,7 +92,8 @@ class ServeConfig:
 @dataclass
 class DataConfig:
     """The Ray Data verdict pipeline (gapray/backends/ray.py) and the preference data built from it."""
-    concurrency: int = 2  # pipeline tasks at once, keeping self_judge requests in flight to Serve
+    concurrency: int = 2  # pipeline tasks at once, keeping self_judge requests in flight to Serve (batch_prompts
+    # prompts each; with serve.max_batch_size=null, as many as keep the replicas' batches full: prompts_per_block)
     num_cpus: float = 0.1  # logical CPUs per Data actor: they mostly wait on Serve
     min_margin: float = 0.0  # DPO pairs need chosen p_aligned - rejected p_aligned >= min_margin
     reencode_images: bool = True  # training rows carry the decoded picture's VQ tokens, not the sampled ones

@@ -177,11 +177,20 @@ def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny, tiny_dir, l
 
     # the Serve replicas hold the model; the driver must not load it (a Janus-Pro-7B need not fit there)
     monkeypatch.setattr(gapray.measure, "load_model", lambda cfg: pytest.fail("backend=ray loaded the model"))
+    # replicas sized by their memory (serve.max_batch_size=null): the blocks grow to keep them fed
+    import gapray.backends.ray as ray_backend
+
+    blocks = []
+    real = ray_backend.prompts_per_block
+    monkeypatch.setattr(ray_backend, "prompts_per_block", lambda *a: blocks.append((a, real(*a))) or blocks[-1][1])
     want, threshold = local
     rc = main(["measure", f"model={tiny_dir}", f"prompts={SAMPLE}", f"images_per_prompt={K}", f"seed={SEED}",
                "batch_prompts=3", f"scoring.threshold={threshold}", "backend=ray", f"run_dir={tmp_path}",
-               "serve.max_batch_size=8", f"serve.http_port={free_port()}", "data.concurrency=1"])
+               "serve.max_batch_size=null", f"serve.http_port={free_port()}", "data.concurrency=1"])
     assert rc == 0
+    [((batch, tasks, k, replicas, replica_images), per_block)] = blocks
+    assert (batch, tasks, k, replicas) == (3, 1, K, 1) and replica_images > 1000  # a CPU's free memory: many rows
+    assert per_block == -(-2 * replica_images // K)
     summary = json.loads((tmp_path / "summary.json").read_text())
     expected = summarize(want)  # what backend=local reports for these seeds
     assert {k: summary[k] for k in expected} == expected
@@ -192,6 +201,15 @@ def test_measure_backend_ray_equals_backend_local(ray_cluster, tiny, tiny_dir, l
     ours = write_verdict_grids(tiny.decode, pq.read_table(tmp_path / "verdicts.parquet").to_pylist(),
                                tmp_path / "local_grids", MeasureConfig.grid_prompts)
     assert ours and [p.read_bytes() for p in ours] == [(tmp_path / "grids" / p.name).read_bytes() for p in ours]
+
+
+def test_blocks_keep_twice_what_the_replicas_batch_in_flight():
+    from gapray.backends.ray import prompts_per_block
+
+    # 4 replicas x 241 guided images (483 rows: Janus-Pro-1B on 80 GB), 2 tasks, 10 images a prompt: 97 prompts a
+    # block, 1940 images in flight for 964 batched at once
+    assert prompts_per_block(8, 2, 10, 4, 241) == 97
+    assert prompts_per_block(8, 2, 10, 1, 8) == 8  # never below batch_prompts
 
 
 def test_measure_backend_ray_with_a_vlm_judge_equals_backend_local(ray_cluster, tiny_dir, tmp_path):

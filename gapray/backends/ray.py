@@ -61,11 +61,12 @@ from gapray.config import judge_kind  # noqa: E402
 from gapray.data.ledger import VerdictLedger  # noqa: E402
 from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
 from gapray.data.schemas import PROMPT_ROW_SCHEMA, RESCORE_ROW_SCHEMA  # noqa: E402
+from gapray.models import SamplingParams  # noqa: E402
 from gapray.prompts import Prompt  # noqa: E402
 from gapray.rundir import RunDir  # noqa: E402
 from gapray.serve.judge import deploy_judge, judge_spec  # noqa: E402
 from gapray.serve.replica import DEPLOYMENT  # noqa: E402
-from gapray.serve.server import deploy  # noqa: E402
+from gapray.serve.server import deploy, rows_per_image  # noqa: E402
 
 
 CALL_IMAGES = 64  # images per call where the driver cuts a list (reference log-probs, re-encoding): calls spread
@@ -79,6 +80,14 @@ def prompt_rows(todo: list[tuple[Prompt, list[int]]]) -> pa.Table:
                                   "sample_idx": list(idx)} for p, idx in todo], schema=PROMPT_ROW_SCHEMA)
 
 
+def prompts_per_block(batch_prompts: int, tasks: int, images_per_prompt: int, replicas: int, replica_images: int) -> int:
+    """Prompts per pipeline block when the replicas size their batches by memory (serve.max_batch_size=null): the
+    `tasks` pipeline tasks then keep twice what the replicas batch at once in flight (a batch queued behind each
+    running one), `replicas` x `replica_images` images x 2, but never fewer than batch_prompts a block. Calls are
+    cheap and tasks are processes (~365 MiB each), so it is the block that grows, not the number of tasks."""
+    return max(batch_prompts, math.ceil(2 * replicas * replica_images / (tasks * max(1, images_per_prompt))))
+
+
 def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, round: int = 0,
                     ledger_root: str | None = None, seed: int | None = None) -> ray.data.Dataset:
     """The lazy Ray Data plan from prompts to verdict rows (LEDGER_SCHEMA) through the Serve app `app_name`.
@@ -88,11 +97,18 @@ def verdict_dataset(todo: list[tuple[Prompt, list[int]]], cfg, app_name: str, ro
     dataset yields only COUNTED.
     """
     table = prompt_rows(todo)
-    # one block per batch of prompts: blocks are what Ray Data hands to different tasks
-    blocks = [table.slice(i, cfg.batch_prompts) for i in range(0, table.num_rows, cfg.batch_prompts)]
     sampling = OmegaConf.to_container(cfg.sampling) if OmegaConf.is_config(cfg.sampling) else dict(cfg.sampling)
+    per_block = cfg.batch_prompts
+    if cfg.serve.max_batch_size is None and todo:  # replicas sized by memory: the in-flight work follows them
+        s = cfg.serve
+        rows = serve.get_deployment_handle(DEPLOYMENT, app_name).stats.remote().result()["max_batch_size"]
+        per_block = prompts_per_block(cfg.batch_prompts, cfg.data.concurrency, max(len(idx) for _, idx in todo),
+                                      s.autoscaling_config.max_replicas if s.autoscaling_config else s.num_replicas,
+                                      rows // rows_per_image(SamplingParams(**sampling)))
+    # one block per batch of prompts: blocks are what Ray Data hands to different tasks
+    blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
     ds = _dataset(blocks, cfg)
-    return ds.map_batches(self_judge_block, batch_size=cfg.batch_prompts, **_tasks(cfg), fn_kwargs=dict(
+    return ds.map_batches(self_judge_block, batch_size=per_block, **_tasks(cfg), fn_kwargs=dict(
         app_name=app_name, sampling=sampling, seed=cfg.seed if seed is None else seed, mode=cfg.scoring.mode,
         threshold=cfg.scoring.threshold, round=round, ledger_root=ledger_root,
         retries=cfg.data.request_retries, log_level=cfg.serve.log_level))
