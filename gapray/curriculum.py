@@ -130,8 +130,11 @@ class CurriculumDriver:
     runs it in-process (backend=local) or as a named Ray actor (backend=ray)."""
 
     def __init__(self, cfg: dict | DictConfig):
-        self.cfg = OmegaConf.merge(OmegaConf.structured(SelfImproveConfig), cfg)
-        check_values(self.cfg)
+        if OmegaConf.is_config(cfg) and OmegaConf.get_type(cfg) is SelfImproveConfig:
+            self.cfg = cfg  # gapray.config.load_config typed and checked it (jobs/self_improve.py): as it is
+        else:  # a plain mapping (tests, library callers): typed and checked here
+            self.cfg = OmegaConf.merge(OmegaConf.structured(SelfImproveConfig), cfg)
+            check_values(self.cfg)
         self.run_dir = Path(self.cfg.run_dir).resolve()
         self.paths = RunDir(self.run_dir)
         self.prompts = load_prompts(self.cfg.prompts, limit=self.cfg.max_prompts)

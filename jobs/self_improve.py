@@ -56,8 +56,6 @@ def load(argv: list[str]):
 
 
 def run(cfg) -> dict:
-    from omegaconf import OmegaConf
-
     from gapray.curriculum import ACTOR_NAMESPACE, CurriculumDriver, driver_name
 
     if cfg.backend == "local":
@@ -74,8 +72,8 @@ def run(cfg) -> dict:
             raise UserError(f"run_dir '{cfg.run_dir}' is being run by a live driver ({name}); wait for it or stop it")
         except ValueError:
             pass
-        driver = ray.remote(CurriculumDriver).options(name=name, namespace=ACTOR_NAMESPACE, num_cpus=0, max_concurrency=2).remote(
-            OmegaConf.to_container(cfg, resolve=True))
+        driver = ray.remote(CurriculumDriver).options(name=name, namespace=ACTOR_NAMESPACE, num_cpus=0,
+                                                      max_concurrency=2).remote(cfg)  # a DictConfig pickles whole
         return ray.get(driver.run.remote())
     finally:
         if started:
