@@ -23,6 +23,8 @@ start of run_measure, before any phase runs: no Ray head is started and nothing 
      removed, and whatever was made removed again; run_dir's filesystem without room for the run's
      checkpoints and exports (gapray.plan.run_dir_bytes); an embedded Ray head whose temp dir (RAY_TMPDIR,
      TMPDIR or /tmp) is on a filesystem past Ray's out-of-disk threshold, where it would refuse every object;
+     on a cluster, a run_dir some live node does not see at the same path (a probe file read back by one task
+     pinned on each node);
   6. a hub id not in the local cache that cannot be reached: offline (HF_HUB_OFFLINE), gated, misspelt, or no
      answer within 5 s (one HEAD request for its config.json; nothing is downloaded).
 
@@ -31,12 +33,13 @@ jobs/self_improve.py's check_self_improve asks first whether a GPU of the run ca
 exceeds cluster.gpu_memory_gb (null: this machine's CUDA device; neither: not checked) is refused, naming the
 fixes that would fit (zero_stage, offload, workers, gradient checkpointing, serve.max_batch_size, more memory).
 
-The checks are plain functions of (config, resources); only `cluster_resources` imports Ray, and only when
-RAY_ADDRESS is set.
+The checks are plain functions of (config, resources); only the cluster ones (`cluster_connection`,
+`cluster_resources`, `check_run_dir_shared`) import Ray, and only when RAY_ADDRESS is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -171,9 +174,10 @@ def check_resources(cfg, local: Resources, target: Resources) -> None:
                         f"{', or let the trainer take them: serve.release_for_training=always' if trains and not released else ''}")
 
 
-def cluster_resources() -> Resources:
-    """The RAY_ADDRESS cluster: its live nodes and, if its autoscaler says, the node types it may add. Connects
-    as a driver (no head is started) and disconnects; init_ray connects again when the run starts."""
+@contextlib.contextmanager
+def cluster_connection():
+    """Connected to the RAY_ADDRESS cluster as a driver (no head is started) for the checks inside, then
+    disconnected (init_ray connects again when the run starts); already connected: as it is."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS", "")
@@ -186,12 +190,69 @@ def cluster_resources() -> Resources:
                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); start it, fix RAY_ADDRESS, or "
                             f"unset it to run on an embedded Ray here") from None
     try:
-        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
-        total = ray.cluster_resources()
-        types, unknown = _autoscaler_node_types()
+        yield
     finally:
         if started:
             ray.shutdown()
+
+
+def run_dir_seen(path: str, token: str) -> bool:
+    """On one node (a task pinned there): does `path` hold the probe file with `token`?"""
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+def check_run_dir_shared(run_dir: str | Path, timeout_s: float = 60.0) -> None:
+    """On a cluster (connected to RAY_ADDRESS): every live node sees run_dir at the same path, as the ledger,
+    the driver's state and every Train worker's checkpoint shards need. The driver writes a probe file there
+    with a random token; one task pinned on each node reads it back (no CPU asked: a full node answers too).
+    Nodes the autoscaler adds later are not probed (cluster/README.md: mount the share on every node type)."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = Path(run_dir).resolve()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    token = secrets.token_hex(8)
+    probe = path / f".gapray-shared-{token}"
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+        probe.write_text(token)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        seen = ray.remote(num_cpus=0)(run_dir_seen)
+        answers = ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                           .remote(str(probe), token) for n in nodes], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"run_dir '{run_dir}': not every node of the cluster answered the shared-storage probe within "
+                        f"{timeout_s:g} s; check the nodes (`ray status`), or retry") from None
+    finally:
+        probe.unlink(missing_ok=True)
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    blind = [n.get("NodeManagerAddress", n["NodeID"][:8]) for n, ok in zip(nodes, answers) if not ok]
+    if blind:
+        raise UserError(f"run_dir '{run_dir}' is not shared: {len(blind)} of {len(nodes)} nodes ({', '.join(blind)}) "
+                        f"do not see it at {path}; mount the same storage there on every node (cluster/README.md, "
+                        f"Storage), or choose a run_dir on it")
+
+
+def cluster_resources() -> Resources:
+    """The RAY_ADDRESS cluster: its live nodes and, if its autoscaler says, the node types it may add. Connects
+    as a driver (no head is started) and disconnects; init_ray connects again when the run starts."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    with cluster_connection():
+        nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        types, unknown = _autoscaler_node_types()
     return Resources(where=f"the Ray cluster at RAY_ADDRESS={address} ({len(nodes)} node(s): {_fmt(total)})",
                      nodes=nodes, node_types=types, unknown=unknown)
 
@@ -492,7 +553,9 @@ def check_self_improve(cfg, overrides=(), config_file: str | Path | None = None)
     check_space(cfg)
     check_temp_space(cfg)
     if cluster:
-        check_resources(cfg, local, cluster_resources())
+        with cluster_connection():
+            check_resources(cfg, local, cluster_resources())
+            check_run_dir_shared(cfg.run_dir)
     check_hub(cfg.model)
 
 
@@ -505,5 +568,7 @@ def check_measure(cfg) -> None:
     check_run_dir(cfg.run_dir)
     check_temp_space(cfg)
     if cluster:
-        check_resources(cfg, local, cluster_resources())
+        with cluster_connection():
+            check_resources(cfg, local, cluster_resources())
+            check_run_dir_shared(cfg.run_dir)
     check_hub(cfg.model)
