@@ -13,7 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Optional, get_type_hints
+from typing import Dict, Optional, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -218,6 +218,12 @@ class TrainScalingConfig:
     # GPUs each worker reserves (null: 1 with use_gpu, else 0). Reserved GPUs without use_gpu are logical
     # only: a CPU rehearsal of a GPU cluster's scheduling (`ray start --num-gpus=N`), as the tests do.
     gpus_per_worker: Optional[float] = None
+    # custom resources each worker reserves besides CPU and GPU: {gapray_train: 1} puts the workers only on the
+    # node types that advertise it (cluster/: the training node types), never on a 1-GPU serving node
+    resources: Dict[str, float] = field(default_factory=dict)
+    # Ray Train's placement: PACK (as few nodes as fit, Ray's default), STRICT_PACK (one node: ZeRO's collectives
+    # stay on the node's links; the node must hold every worker), SPREAD, STRICT_SPREAD
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -614,6 +620,16 @@ def check_judge(cfg: DictConfig) -> None:
     _check_autoscaling("judge.autoscaling_config", j.autoscaling_config)
 
 
+def head_resources(cfg) -> dict[str, float]:
+    """The custom resources a Ray head started here advertises: every Ray Train worker's train.scaling.resources
+    (a self-improvement run or a train job's `scaling`), so that a preset whose workers ask for gapray_train
+    trains on this one machine as on a cluster's training nodes."""
+    scaling = cfg.train.scaling if "train" in cfg else cfg.get("scaling")
+    if scaling is None or not scaling.get("resources"):
+        return {}
+    return {k: float(v) * scaling.num_workers for k, v in scaling.resources.items()}
+
+
 def worker_gpus(scaling) -> float:
     """The GPUs a Ray Train worker reserves: train.scaling.gpus_per_worker, else 1 with use_gpu."""
     return float(scaling.gpus_per_worker) if scaling.gpus_per_worker is not None else float(scaling.use_gpu)
@@ -731,6 +747,11 @@ def check_recipe(cfg: DictConfig, prefix: str = "") -> None:
     g = cfg.scaling.gpus_per_worker
     require(g is None or (g >= 0 and (g == int(g) or not cfg.scaling.use_gpu)), "scaling.gpus_per_worker",
             f"must be null or >= 0, and whole with use_gpu (a DeepSpeed rank drives whole GPUs), got {g}")
+    choice("scaling.placement_strategy", cfg.scaling.placement_strategy, ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"))
+    for name, amount in cfg.scaling.resources.items():
+        require(name not in ("CPU", "GPU", "memory") and amount > 0, "scaling.resources",
+                f"'{name}: {amount}': name custom resources only (cpus_per_worker and gpus_per_worker reserve CPUs "
+                f"and GPUs), each > 0")
     c = cfg.checkpoint
     require(c.every_n_steps is None or c.every_n_steps >= 1, "checkpoint.every_n_steps", "must be >= 1 or null")
     require(c.num_to_keep is None or c.num_to_keep >= 1, "checkpoint.num_to_keep", "must be >= 1 or null")

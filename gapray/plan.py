@@ -560,8 +560,8 @@ def judge_role(cfg, gpu_bytes: float | None, gpus: float) -> Role:
     sharded = j.device_map is not None and gpus > 1
     budget = None if gpu_bytes is None else (gpu_bytes * gpus if sharded else _share(gpu_bytes, gpus))
     ja = j.get("autoscaling_config")
-    n = f"{j.num_replicas}" if ja is None else f"{ja.min_replicas}-{ja.max_replicas}"
-    count = f"{n} replica{'s' if n != '1' else ''} x {gpus:g} GPU" if cfg.backend == "ray" else "judge.device"
+    replicas = f"{j.num_replicas}" if ja is None else f"{ja.min_replicas}-{ja.max_replicas}"
+    count = f"{replicas} replica{'s' if replicas != '1' else ''} x {gpus:g} GPU" if cfg.backend == "ray" else "judge.device"
     role = Role("judge replica", count, budget=budget)
     if n is None:
         role.unknown = source

@@ -46,8 +46,8 @@ import os
 import re
 from pathlib import Path
 
-from gapray.config import (BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, judge_kind, serve_released_for_training,
-                           worker_gpus)
+from gapray.config import (BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, head_resources, judge_kind,
+                           serve_released_for_training, worker_gpus)
 from gapray.errors import UserError
 
 HUB_TIMEOUT_S = 5.0
@@ -94,7 +94,9 @@ def embedded_head(local: Resources, cfg) -> Resources:
     """The Ray a run starts here without RAY_ADDRESS: this machine. init_ray (backend=ray) sizes its logical CPUs
     to what the run places; Ray Train under backend=local starts a plain ray.init, which counts the cores."""
     where = _this_machine(local.max_gpus(), "the embedded Ray head: RAY_ADDRESS is not set")
-    return dataclasses.replace(local, where=where, elastic_cpus=cfg.backend == "ray")
+    extra = head_resources(cfg)  # init_ray advertises the workers' custom resources on the head it starts
+    return dataclasses.replace(local, where=where, elastic_cpus=cfg.backend == "ray",
+                               nodes=[{**n, **extra} for n in local.nodes])
 
 
 def ray_demands(cfg) -> list[tuple[str, dict[str, float], int]]:
@@ -116,15 +118,24 @@ def ray_demands(cfg) -> list[tuple[str, dict[str, float], int]]:
     if "train" in cfg and cfg.train.backend == "ray":
         sc = cfg.train.scaling
         gpus = worker_gpus(sc)
-        bundle = {"CPU": sc.cpus_per_worker, "GPU": gpus}
-        out.append((f"training (train.scaling: {sc.num_workers} workers, cpus_per_worker={sc.cpus_per_worker:g}"
-                    f"{f', use_gpu={str(sc.use_gpu).lower()}: {gpus:g} GPU each' if gpus else ''})", bundle,
-                    sc.num_workers))
+        bundle = {"CPU": sc.cpus_per_worker, "GPU": gpus, **sc.resources}
+        what = (f"training (train.scaling: {sc.num_workers} workers, cpus_per_worker={sc.cpus_per_worker:g}"
+                f"{f', use_gpu={str(sc.use_gpu).lower()}: {gpus:g} GPU each' if gpus else ''}"
+                f"{''.join(f', {k} {v:g}' for k, v in sc.resources.items())}")
+        if sc.placement_strategy == "STRICT_PACK":  # every worker on one node: that node holds them all
+            out.append((what + ", placement_strategy=STRICT_PACK: all on one node)",
+                        {k: v * sc.num_workers for k, v in bundle.items()}, 1))
+        else:
+            out.append((what + ")", bundle, sc.num_workers))
     return out
 
 
 def _fmt(resources: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") and v) or "nothing"
+    """CPUs, GPUs and custom resources (train.scaling.resources): not Ray's memory, node: or accelerator keys."""
+    shown = {k: v for k, v in resources.items() if v and k not in ("memory", "object_store_memory")
+             and not k.startswith(("node:", "accelerator_type:"))}
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(shown.items(), key=lambda kv: (kv[0] not in ("CPU", "GPU"), kv[0]))) \
+        or "nothing"
 
 
 def check_resources(cfg, local: Resources, target: Resources) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gapray import preflight
-from gapray.config import CONF_DIR, SelfImproveConfig, load_config
+from gapray.config import CONF_DIR, SelfImproveConfig, head_resources, load_config
 from gapray.errors import UserError
 from gapray.preflight import Resources
 
@@ -27,7 +27,8 @@ def cfg(*overrides):
 
 
 def machine(gpus: int, cpus: int = 16) -> Resources:
-    return Resources("this machine", [{"CPU": float(cpus), "GPU": float(gpus)}], elastic_cpus=True)
+    """The embedded head a run starts here: it advertises the presets' gapray_train too (head_resources)."""
+    return Resources("this machine", [{"CPU": float(cpus), "GPU": float(gpus), "gapray_train": 64.0}], elastic_cpus=True)
 
 
 def refused(fn, *args) -> str:
@@ -66,7 +67,7 @@ def test_a_cluster_is_judged_by_its_nodes_and_its_autoscalers_node_types():
     msg = refused(preflight.check_resources, c, CPU_ONLY, cpu_cluster)
     assert "the Ray cluster at RAY_ADDRESS=x has none" in msg and "cpu_worker" in msg
     gpu_types = [{"name": "gpu_serve", "resources": {"CPU": 8.0, "GPU": 1.0}, "max_count": 8},
-                 {"name": "gpu_train", "resources": {"CPU": 48.0, "GPU": 4.0}, "max_count": 1}]
+                 {"name": "gpu_train", "resources": {"CPU": 48.0, "GPU": 4.0, "gapray_train": 4.0}, "max_count": 1}]
     preflight.check_resources(c, CPU_ONLY, Resources("c", [head], gpu_types))  # none running yet, all addable
     preflight.check_resources(c, CPU_ONLY, Resources("c", [head], [], unknown="no node types reported"))
     # CPUs count on a cluster: a 16-CPU Train worker fits on no node
@@ -74,6 +75,34 @@ def test_a_cluster_is_judged_by_its_nodes_and_its_autoscalers_node_types():
     assert "no node of c can hold that" in refused(preflight.check_resources, big, CPU_ONLY,
                                                    Resources("c", [head], gpu_types[:1]))
     assert "no node" in refused(preflight.check_resources, big, CPU_ONLY, Resources("c", [head, {"CPU": 8, "GPU": 8}]))
+
+
+def test_train_workers_go_only_where_their_resources_and_placement_fit():
+    """The presets' workers reserve gapray_train, which only the training node types advertise: a cluster of
+    1-GPU serving nodes alone is refused, naming it; STRICT_PACK puts every worker on one node, which must hold
+    them all (8 x 1 GPU: not a 4-GPU node)."""
+    head = {"CPU": 8.0, "GPU": 0.0}
+    serving = {"name": "gpu_serve", "resources": {"CPU": 8.0, "GPU": 1.0}, "max_count": 16}
+    train4 = {"name": "gpu_train", "resources": {"CPU": 48.0, "GPU": 4.0, "gapray_train": 4.0}, "max_count": 2}
+    train8 = {"name": "gpu_train8", "resources": {"CPU": 192.0, "GPU": 8.0, "gapray_train": 8.0}, "max_count": 1}
+    seven = cfg("experiment=janus-pro-7b")
+    msg = refused(preflight.check_resources, seven, CPU_ONLY, Resources("c", [head], [serving]))
+    assert msg.startswith("training (train.scaling: 8 workers, cpus_per_worker=4, use_gpu=true: 1 GPU each, "
+                          "gapray_train 1): one asks for CPU 4, GPU 1, gapray_train 1, but no node of c")
+    preflight.check_resources(seven, CPU_ONLY, Resources("c", [head], [serving, train4]))  # PACK: over 2 nodes
+    packed = cfg("experiment=janus-pro-7b", "train.scaling.placement_strategy=STRICT_PACK")
+    assert "one asks for CPU 32, GPU 8, gapray_train 8" in refused(preflight.check_resources, packed, CPU_ONLY,
+                                                                    Resources("c", [head], [serving, train4]))
+    preflight.check_resources(packed, CPU_ONLY, Resources("c", [head], [serving, train8]))
+    # one machine without RAY_ADDRESS: the head init_ray starts advertises what the workers reserve
+    assert head_resources(seven) == {"gapray_train": 8.0} and head_resources(cfg()) == {}
+    eight = Resources("this machine", [{"CPU": 64.0, "GPU": 8.0}])
+    preflight.check_resources(seven, CPU_ONLY, preflight.embedded_head(eight, seven))
+    assert "gapray_train" in refused(preflight.check_resources, seven, CPU_ONLY, eight)
+    with pytest.raises(UserError, match="train.scaling.placement_strategy"):
+        cfg("train.scaling.placement_strategy=TIGHT")
+    with pytest.raises(UserError, match="train.scaling.resources"):
+        cfg("train.scaling.resources={GPU: 1}")
 
 
 def test_replicas_and_train_workers_hold_their_gpus_at_once_unless_serve_is_released():

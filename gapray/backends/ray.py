@@ -57,7 +57,7 @@ from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from gapray.backends.ray_stage import call_all, rescore_block, self_judge_block  # noqa: E402
-from gapray.config import judge_kind  # noqa: E402
+from gapray.config import head_resources, judge_kind  # noqa: E402
 from gapray.data.ledger import VerdictLedger  # noqa: E402
 from gapray.data.preference import OUTPUTS, Reference, build_preference_data  # noqa: E402
 from gapray.data.schemas import PROMPT_ROW_SCHEMA, RESCORE_ROW_SCHEMA  # noqa: E402
@@ -270,7 +270,8 @@ def init_ray(cfg=None, log_to_driver: bool = False) -> bool:
     if ray_constants.ENABLE_RAY_CLUSTER:
         raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set, so a local Ray "
                            "would listen beyond 127.0.0.1: set it in the environment before starting Python")
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(placed_cpus(cfg))), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(placed_cpus(cfg))),
+             resources=head_resources(cfg) if cfg is not None else None, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
              runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}})
     if ray.util.get_node_ip_address() != "127.0.0.1":

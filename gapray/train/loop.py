@@ -423,7 +423,8 @@ def run_ray(cfg: DictConfig, plan: Plan, after_step, worker_env: dict[str, str])
         # Ray wants use_gpu whenever a worker reserves GPUs, and then picks nccl: the process group follows
         # scaling.use_gpu instead, so reserved logical GPUs (gpus_per_worker without use_gpu) train on gloo
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, "GPU": gpus}),
+                                     resources_per_worker={"CPU": s.cpus_per_worker, "GPU": gpus, **s.resources},
+                                     placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(name=EXPERIMENT, storage_path=plan.run_dir,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
