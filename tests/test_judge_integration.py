@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from gapray.cli import main as gapray
 from gapray.data.ledger import VerdictLedger
 from gapray.judges import VLMJudge
-from gapray.prompts import load_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_vlm_judge import FAMILIES, PROMPTS, make_judge, script_answer  # noqa: E402
