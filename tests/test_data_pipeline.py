@@ -223,8 +223,11 @@ def test_measure_backend_ray_with_a_vlm_judge_equals_backend_local(ray_cluster, 
     judge = make_judge("idefics3", seed=0)
     judge.model.save_pretrained(tmp_path / "judge")
     judge.processor.save_pretrained(tmp_path / "judge")
+    # judge.batch_size=2: a policy batch of 6 images calls the judge with more than one judge batch (Serve refused
+    # such a call as one item: "Size of item is greater than max_batch_size"); the JudgeServer cuts it up
     args = [f"model={tiny_dir}", f"prompts={SAMPLE}", "max_prompts=3", "images_per_prompt=2", f"seed={SEED}",
-            "batch_prompts=3", f"judge.model={tmp_path / 'judge'}", "judge.dtype=float32", "judge.device=cpu"]
+            "batch_prompts=3", f"judge.model={tmp_path / 'judge'}", "judge.dtype=float32", "judge.device=cpu",
+            "judge.batch_size=2"]
     assert main(["measure", *args, f"run_dir={tmp_path / 'local'}"]) == 0
     assert main(["measure", *args, f"run_dir={tmp_path / 'ray'}", "backend=ray", "serve.max_batch_size=8",
                  f"serve.http_port={free_port()}", "data.concurrency=1", "judge.autoscaling_config.min_replicas=1",

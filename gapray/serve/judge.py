@@ -22,7 +22,8 @@ import numpy as np
 from omegaconf import OmegaConf
 from ray import serve
 
-from gapray.serve.replica import deployment_logging, keep_replica_grpc_on_loopback, plain_config, start_serve
+from gapray.serve.replica import (deployment_logging, hide_batch_bound_warning, keep_replica_grpc_on_loopback,
+                                  plain_config, start_serve)
 
 JUDGE_DEPLOYMENT = "JudgeServer"
 
@@ -91,11 +92,17 @@ class JudgeServer:
         keep_replica_grpc_on_loopback()
         self.external = build_judge(OmegaConf.create({"judge": {**judge, "kind": "vlm"}}))  # not self.judge: the method
         self._prompt = lambda text: Prompt("", "", text)
+        hide_batch_bound_warning()
         self._judge_batch.set_max_batch_size(max_batch_size)
         self._judge_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def judge(self, images, prompts: list[str]) -> list[tuple[int | None, float | None]]:
-        return await self._judge_batch(JudgeRequest(np.asarray(images), tuple(prompts)))
+        # One piece per image, as ModelServer cuts its calls: a policy replica's batch may hold more images than
+        # judge.batch_size (Serve refuses an item larger than a batch), and batches fill from any calls.
+        images = np.asarray(images)
+        parts = await asyncio.gather(*[self._judge_batch(JudgeRequest(images[i:i + 1], (p,)))
+                                       for i, p in enumerate(prompts)])
+        return [a for part in parts for a in part]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, batch_size_fn=judge_rows)
     async def _judge_batch(self, requests: list[JudgeRequest]) -> list[list[tuple]]:
@@ -131,7 +138,9 @@ def deploy_judge(spec: dict | None, serve_cfg, app_name: str) -> dict | None:
     if spec.get("device", "auto") == "auto" and not gpus:
         init["judge"]["device"] = "cpu"  # no GPU asked for: never grab one that happens to be visible
     version = hashlib.blake2b(json.dumps(init, sort_keys=True).encode(), digest_size=8).hexdigest()
+    # max_ongoing_requests as the policy replicas' (Serve's default is 5 calls at once per replica)
     app = JudgeServer.options(**judge_replicas(spec), ray_actor_options={"num_cpus": s["num_cpus"], "num_gpus": gpus},
+                              max_ongoing_requests=int(s["max_ongoing_requests"]),
                               logging_config=deployment_logging(s), version=version, _internal=True).bind(**init)
     serve.run(app, name=app_name, route_prefix=None)
     return {**spec, "app": app_name}

@@ -19,6 +19,13 @@ def start_serve(http_port: int = 8000, log_level: str = "WARNING") -> None:
                 logging_config={"log_level": log_level})
 
 
+def hide_batch_bound_warning() -> None:
+    """In a replica: Serve warns when an @serve.batch's max_batch_size exceeds max_ongoing_requests ("will never
+    achieve the configured max_batch_size"). Not so for gapray's replicas, which count batches in rows or images
+    and cut every call into one piece per image, so one call alone can fill a batch."""
+    logging.getLogger("ray.serve").addFilter(lambda r: "larger than `max_ongoing_requests`" not in r.getMessage())
+
+
 def quiet_serve_logs(log_level: str = "WARNING") -> None:
     """Serve's logger in a process that calls deployments (the driver, pipeline actors): from `log_level` up."""
     logging.getLogger("ray.serve").setLevel(log_level)

@@ -46,7 +46,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import logging
 import os
 import socket
 import time
@@ -68,8 +67,8 @@ from gapray.plan import memory_batch_rows
 from gapray.prompts import Prompt
 from gapray.selfjudge import judge_samples, sample_and_score_images
 from gapray.serve.judge import replica_judge
-from gapray.serve.replica import (DEPLOYMENT, deployment_logging, keep_replica_grpc_on_loopback, plain_config,
-                                  start_serve)
+from gapray.serve.replica import (DEPLOYMENT, deployment_logging, hide_batch_bound_warning,
+                                  keep_replica_grpc_on_loopback, plain_config, start_serve)
 from gapray.verdict import to_verdict
 
 
@@ -286,9 +285,7 @@ class ModelServer:
         # its share of the card when replicas share one), so that one config fits an L4 and an H200 alike
         self.max_batch_size = max_batch_size or memory_batch_rows(self.model, gpu_share)
         self._lock = asyncio.Lock()  # one model call at a time; reconfigure waits for the running batch
-        # Serve warns when max_batch_size exceeds max_ongoing_requests ("will never achieve the configured
-        # max_batch_size"): not so here, where batches count model rows and each call becomes one piece per image.
-        logging.getLogger("ray.serve").addFilter(lambda r: "larger than `max_ongoing_requests`" not in r.getMessage())
+        hide_batch_bound_warning()
         for handler in (self._sample_batch, self._score_batch, self._self_judge_batch, self._rescore_batch):
             handler.set_max_batch_size(self.max_batch_size)
             handler.set_batch_wait_timeout_s(batch_wait_timeout_s)
