@@ -69,7 +69,8 @@ def head():
                              f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
                              f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={renv}",
-                             "--num-cpus=6", "--num-gpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             "--num-cpus=6", "--num-gpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+                             '--resources={"gapray_train": 2}'],  # a training node, as cluster/'s advertise
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     for _ in range(120):
@@ -90,9 +91,9 @@ def head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit(head, run_dir: Path) -> str:
+def submit(head, run_dir: Path, setting: list[str] = SETTING) -> str:
     out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head["url"], "--working-dir", ".",
-                          "--no-wait", "--", "python", "jobs/self_improve.py", *SETTING, f"run_dir={run_dir}"],
+                          "--no-wait", "--", "python", "jobs/self_improve.py", *setting, f"run_dir={run_dir}"],
                          cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
@@ -315,3 +316,37 @@ def test_chaos_kills_give_the_same_result(head, submitted, tmp_path):
     summary, expected = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref))
     assert summary["table"] == expected["table"] and summary["final"] == expected["final"]
     assert summary["rounds_data"]["0"]["sample"] == expected["rounds_data"]["0"]["sample"]
+
+
+def test_the_7b_preset_runs_whole_at_reduced_size(head, tmp_path):
+    """`experiment=janus-pro-7b` as a user submits it, with only its sizes cut to fit this CPU: the tiny policy in
+    float32 and a tiny random Idefics3 VLM as its judge, 2 logical-GPU training workers on gloo. Everything else
+    is the preset's: DPO pairs with reference log-probs from the replicas, ZeRO-3 with gradient checkpointing and
+    its 16-bit export, the VLM judge's JudgeServer auditing the gate, replicas sized by their memory and
+    autoscaled, workers placed by gapray_train, Serve released for training. (Run this way it found the
+    JudgeServer refusing a policy batch larger than judge.batch_size.)"""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_vlm_judge import make_judge
+
+    judge = make_judge("idefics3", seed=0)
+    judge.model.save_pretrained(tmp_path / "judge")
+    judge.processor.save_pretrained(tmp_path / "judge")
+    reduced = ["experiment=janus-pro-7b", "model=tiny", "model.dtype=float32", "mode=dpo",
+               "prompts=conf/prompts/geneval_sample.jsonl", "eval_prompts=conf/prompts/geneval_sample.jsonl",
+               "max_prompts=6", "images_per_prompt=4", "max_eval_prompts=2", "eval_images_per_prompt=1",
+               "batch_prompts=6", "scoring.threshold=0.529",  # about half of the random tiny model's images accepted
+               "train.epochs=1", "train.gradient_accumulation_steps=1", "train.deepspeed.bf16=false",
+               "train.scaling.num_workers=2", "train.scaling.use_gpu=false", "train.scaling.gpus_per_worker=1",
+               "train.scaling.cpus_per_worker=1", "serve.num_cpus=1", "serve.autoscaling_config.max_replicas=1",
+               f"judge.model={tmp_path / 'judge'}", "judge.dtype=float32", "judge.device=cpu", "gate.min_precision=0",
+               "data.concurrency=1", "serve.route_prefix=null"]
+    run_dir = tmp_path / "run"
+    out = wait(head, submit(head, run_dir, reduced), until=lambda: False, timeout=600)
+    assert out["statuses"][-1] == "SUCCEEDED", out["logs"][-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == "dpo" and summary["judge"]["model"] == str(tmp_path / "judge")
+    pairs = pq.read_table(run_dir / "data/round=0/dpo.parquet").to_pylist()
+    assert len(pairs) >= 2 and all(p["ref_chosen_logp"] is not None and p["ref_rejected_logp"] is not None for p in pairs)
+    assert (run_dir / "checkpoints/round=0/a/model/model.safetensors").stat().st_size > 0  # ZeRO-3's export
+    assert "'gapray_train': 1.0" in out["logs"] and "[train] step " in out["logs"]
+
