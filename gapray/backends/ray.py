@@ -118,8 +118,8 @@ def _tasks(cfg) -> dict:
     """How the pipeline stage runs: up to data.concurrency tasks at once (tasks, not an actor pool: Ray reuses
     its worker processes, where a pool would start new actors for every phase), each asking for the memory it
     holds (so that Ray Data's memory detector has nothing to warn about), Arrow batches without a copy."""
-    return dict(concurrency=cfg.data.concurrency, num_cpus=cfg.data.num_cpus, memory=cfg.data.memory_mb * 2**20,
-                batch_format="pyarrow", zero_copy_batch=True)
+    return dict(compute=ray.data.TaskPoolStrategy(size=cfg.data.concurrency), num_cpus=cfg.data.num_cpus,
+                memory=cfg.data.memory_mb * 2**20, batch_format="pyarrow", zero_copy_batch=True)
 
 
 def _dataset(blocks: list[pa.Table], cfg) -> ray.data.Dataset:
