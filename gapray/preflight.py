@@ -51,6 +51,7 @@ from gapray.config import (BUILTIN_MODELS, CONF_DIR, SHIPPED_MODELS, head_resour
 from gapray.errors import UserError
 
 HUB_TIMEOUT_S = 5.0
+JUDGE_REPLICA_KEYS = ", judge.num_replicas, judge.autoscaling_config.min_replicas, judge.num_gpus"
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # the cluster launcher's copy of the cluster YAML, on the head
 
 
@@ -112,7 +113,8 @@ def ray_demands(cfg) -> list[tuple[str, dict[str, float], int]]:
             j = cfg.judge
             gpus = s.num_gpus if j.num_gpus is None else j.num_gpus
             ja = j.get("autoscaling_config")
-            n, key = (j.num_replicas, "judge.num_replicas") if ja is None else (ja.min_replicas, "judge.autoscaling_config.min_replicas")
+            n, key = ((j.num_replicas, "judge.num_replicas") if ja is None
+                      else (ja.min_replicas, "judge.autoscaling_config.min_replicas"))
             out.append((f"judge (JudgeServer: {key}={n}, judge.num_gpus={gpus:g} per replica)",
                         {"CPU": s.num_cpus, "GPU": gpus}, n))
     if "train" in cfg and cfg.train.backend == "ray":
@@ -181,7 +183,7 @@ def check_resources(cfg, local: Resources, target: Resources) -> None:
         raise UserError(f"the run holds {held:g} GPUs at once ({parts}: {why}), but "
                         f"{target.where} has at most {have:g}; lower {'train.scaling.num_workers or ' if trains else ''}"
                         f"the replicas (serve.num_replicas, serve.autoscaling_config.min_replicas"
-                        f"{', judge.num_replicas, judge.autoscaling_config.min_replicas, judge.num_gpus' if any(k.startswith('judge') for k, _, _ in demands) else ''})"
+                        f"{JUDGE_REPLICA_KEYS if any(k.startswith('judge') for k, _, _ in demands) else ''})"
                         f"{', or let the trainer take them: serve.release_for_training=always' if trains and not released else ''}")
 
 

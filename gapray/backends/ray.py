@@ -80,7 +80,8 @@ def prompt_rows(todo: list[tuple[Prompt, list[int]]]) -> pa.Table:
                                   "sample_idx": list(idx)} for p, idx in todo], schema=PROMPT_ROW_SCHEMA)
 
 
-def prompts_per_block(batch_prompts: int, tasks: int, images_per_prompt: int, replicas: int, replica_images: int) -> int:
+def prompts_per_block(batch_prompts: int, tasks: int, images_per_prompt: int, replicas: int,
+                      replica_images: int) -> int:
     """Prompts per pipeline block when the replicas size their batches by memory (serve.max_batch_size=null): the
     `tasks` pipeline tasks then keep twice what the replicas batch at once in flight (a batch queued behind each
     running one), `replicas` x `replica_images` images x 2, but never fewer than batch_prompts a block. Calls are
@@ -282,8 +283,8 @@ def init_ray(cfg=None, log_to_driver: bool = False) -> bool:
 
 
 def placed_cpus(cfg) -> float:
-    """The logical CPUs a run places at once: replicas (policy and VLM judge), pipeline tasks (twice over, for slack), Ray Train workers,
-    the driver."""
+    """The logical CPUs a run places at once: replicas (policy and VLM judge), pipeline tasks (twice over, for
+    slack), Ray Train workers, the driver."""
     if cfg is None:
         return 1
     need = 1.0
@@ -293,7 +294,8 @@ def placed_cpus(cfg) -> float:
         need += replicas * s.num_cpus
         if "judge" in cfg and judge_kind(cfg) == "vlm":  # its JudgeServer replicas take serve.num_cpus each
             j = cfg.judge
-            need += (j.autoscaling_config.max_replicas if j.autoscaling_config is not None else j.num_replicas) * s.num_cpus
+            judges = j.autoscaling_config.max_replicas if j.autoscaling_config is not None else j.num_replicas
+            need += judges * s.num_cpus
     if "data" in cfg and not isinstance(cfg.data, str):  # a train config's `data` is its preference dir
         need += 2 * cfg.data.concurrency * cfg.data.num_cpus
     scaling = cfg.train.scaling if "train" in cfg else cfg.get("scaling")  # self-improvement run / train job

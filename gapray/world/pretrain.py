@@ -307,8 +307,8 @@ def train_lm(model: JanusModel, rows: list[dict], steps: int, gen_batch: int = 3
     """Both objectives every step; the understanding pool grows with the model's own generations at the
     given fractions of training, so the judge sees what the generator actually draws. Prompts are drawn
     task-balanced (pool_prompts for the render pool, self_generated_prompts x self_generated_k own images
-    per refresh; `task_alpha`: see task_balanced; `own_positive_share`: see Judged.batch). `on_dev_check(step)` runs after each of the `checks` progress checks (the job saves the
-    model there)."""
+    per refresh; `task_alpha`: see task_balanced; `own_positive_share`: see Judged.batch). `on_dev_check(step)`
+    runs after each of the `checks` progress checks (the job saves the model there)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     params = [p for n, p in model.model.named_parameters() if ".vqmodel." not in n]
