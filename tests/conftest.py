@@ -1,6 +1,7 @@
-"""Shared fixtures. Tests run on CPU with tiny models built offline (no hub access)."""
+"""Shared fixtures and helpers. Tests run on CPU with tiny models built offline (no hub access)."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -46,3 +47,15 @@ def ray_cluster():
                  runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all bound at once, then released), for a `ray start` of a test's own."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+

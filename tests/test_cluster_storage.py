@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOKEN = secrets.token_hex(32)  # Ray 2.60's token authentication, kept on
@@ -27,19 +29,7 @@ def _unshare_works() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -m` (a mount namespace) for the blind node")
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+pytestmark = pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -m` (a mount namespace) for the unshared driver")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_ports
 from gapray.data.ledger import VerdictLedger
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,16 +34,6 @@ SETTING = ["model=tiny", "mode=c-sft", "max_prompts=8", "images_per_prompt=4", "
            # each of the 2 training workers 1, so training schedules only because the driver deletes the Serve
            # app first (serve.release_for_training=auto; issue 15: a trainer beside a GPU replica never started)
            "serve.num_gpus=1", "train.scaling.gpus_per_worker=1"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 TOKEN = secrets.token_hex(32)  # Ray 2.60 turns token authentication on for new clusters: the head uses this one
